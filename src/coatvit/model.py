@@ -1,0 +1,443 @@
+"""The CoaT family: Co-Scale Conv-Attentional Image Transformers (Xu et al., ICCV 2021).
+
+Read top to bottom in the order of the paper: patch embedding, convolutional position encoding (CPE),
+convolutional relative position encoding (CRPE), factorized attention, serial block, parallel block, the model.
+Equation numbers refer to docs/coat-spec.md of the project brief (sections 1-2).
+
+Shapes: B batch, N = 1 + H*W tokens (class token first), C channels, h heads, Ch = C / h channels per head.
+
+Modules that the paper shares between blocks (one CPE and one CRPE per scale, one MLP across the scales of a
+parallel block) are owned once by the model and handed to the blocks at call time, so `state_dict()` holds every
+tensor exactly once. `coatvit.weights` maps the alias keys of the authors' and timm's checkpoints onto them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .config import CoaTConfig
+
+Size = tuple[int, int]
+
+
+class DropPath(nn.Module):
+    """Stochastic depth per sample; the same rate in every block (the authors' choice)."""
+
+    def __init__(self, rate: float = 0.0):
+        super().__init__()
+        self.rate = rate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.rate == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.rate
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        return x * mask.div_(keep)
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping conv patch embedding + LayerNorm. Sizes are floored (no padding), as in the authors' code."""
+
+    def __init__(self, in_chans: int, dim: int, stride: int):
+        super().__init__()
+        self.proj = nn.Conv2d(in_chans, dim, kernel_size=stride, stride=stride)
+        self.norm = nn.LayerNorm(dim, eps=1e-5)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, Size]:
+        x = self.proj(x)  # (B, C, H, W)
+        size = (x.shape[2], x.shape[3])
+        x = x.flatten(2).transpose(1, 2)  # (B, H*W, C)
+        return self.norm(x), size
+
+
+class ConvPosEnc(nn.Module):
+    """CPE: image tokens x <- x + DWConv3x3(x); the class token is passed through untouched."""
+
+    def __init__(self, dim: int, kernel: int = 3):
+        super().__init__()
+        self.proj = nn.Conv2d(dim, dim, kernel, padding=kernel // 2, groups=dim)
+
+    def forward(self, x: torch.Tensor, size: Size) -> torch.Tensor:
+        B, N, C = x.shape
+        H, W = size
+        cls_token, img = x[:, :1], x[:, 1:]  # (B, 1, C), (B, H*W, C)
+        feat = img.transpose(1, 2).reshape(B, C, H, W)  # (B, C, H, W)
+        img = (self.proj(feat) + feat).flatten(2).transpose(1, 2)  # (B, H*W, C)
+        return torch.cat((cls_token, img), dim=1)  # (B, N, C)
+
+
+class ConvRelPosEnc(nn.Module):
+    """CRPE: crpe = Q_img * DWConv(V_img), one grouped conv per window size over a contiguous run of heads."""
+
+    def __init__(self, head_dim: int, windows: Sequence[tuple[int, int]]):
+        super().__init__()
+        self.conv_list = nn.ModuleList(
+            nn.Conv2d(heads * head_dim, heads * head_dim, k, padding=k // 2, groups=heads * head_dim)
+            for k, heads in windows
+        )
+        self.channel_splits = [heads * head_dim for _, heads in windows]
+
+    def forward(self, q: torch.Tensor, v: torch.Tensor, size: Size) -> torch.Tensor:
+        B, h, N, Ch = q.shape
+        H, W = size
+        q_img, v_img = q[:, :, 1:], v[:, :, 1:]  # (B, h, H*W, Ch)
+        v_img = v_img.transpose(-1, -2).reshape(B, h * Ch, H, W)  # (B, h*Ch, H, W), each head contiguous
+        parts = torch.split(v_img, self.channel_splits, dim=1)
+        v_img = torch.cat([conv(part) for conv, part in zip(self.conv_list, parts)], dim=1)
+        v_img = v_img.reshape(B, h, Ch, H * W).transpose(-1, -2)  # (B, h, H*W, Ch)
+        return F.pad(q_img * v_img, (0, 0, 1, 0))  # (B, h, N, Ch); the class-token row is zero
+
+
+class FactorAttnConvRelPosEnc(nn.Module):
+    """Conv-attention: factorized attention Q (softmax(K)^T V) / sqrt(Ch) plus the CRPE term."""
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True):
+        super().__init__()
+        self.num_heads = num_heads
+        self.scale = (dim // num_heads) ** -0.5
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, size: Size, crpe: ConvRelPosEnc | None) -> torch.Tensor:
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # (B, h, N, Ch)
+        context = k.softmax(dim=2).transpose(-1, -2) @ v  # (B, h, Ch, Ch); softmax over all N tokens
+        out = self.scale * (q @ context)  # (B, h, N, Ch); the scale touches only the factorized term
+        if crpe is not None:
+            out = out + crpe(q, v, size)
+        out = out.transpose(1, 2).reshape(B, N, C)  # (B, N, h, Ch) -> (B, N, C)
+        return self.proj(out)
+
+
+class Mlp(nn.Module):
+    """fc1 -> GELU (exact erf) -> fc2."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class SerialBlock(nn.Module):
+    """x = cpe(x); x = x + drop_path(attn(LN1(x))); x = x + drop_path(MLP(LN2(x)))."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, qkv_bias: bool, drop_path: float):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.factoratt_crpe = FactorAttnConvRelPosEnc(dim, num_heads, qkv_bias)
+        self.drop_path = DropPath(drop_path)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, x: torch.Tensor, size: Size, cpe: ConvPosEnc | None, crpe: ConvRelPosEnc | None):
+        if cpe is not None:
+            x = cpe(x, size)
+        x = x + self.drop_path(self.factoratt_crpe(self.norm1(x), size, crpe))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+def resize_tokens(x: torch.Tensor, size: Size, target: Size) -> torch.Tensor:
+    """Bilinear resize of the image tokens to the target grid; the source class token is carried along."""
+    B, N, C = x.shape
+    if size == target:
+        return x
+    img = x[:, 1:].transpose(1, 2).reshape(B, C, size[0], size[1])  # (B, C, H, W)
+    img = F.interpolate(img, size=target, mode="bilinear", align_corners=False)  # (B, C, H', W')
+    return torch.cat((x[:, :1], img.flatten(2).transpose(1, 2)), dim=1)  # (B, 1 + H'*W', C)
+
+
+class ParallelBlock(nn.Module):
+    """Co-scale block over scales 2-4 with feature interpolation (the released models' variant).
+
+    Each scale has its own attention and norms; the attention outputs of the other scales are resized to its grid
+    and summed in; one MLP is shared by the three scales (checkpoint keys mlp2/mlp3/mlp4 all name it).
+    """
+
+    scales = (2, 3, 4)
+    # Sources summed into each scale (indices into scales 2-4), in the authors' order: float addition is not
+    # associative, and this order gives bit-identical outputs.
+    mix_order = ((1, 2), (2, 0), (1, 0))
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, qkv_bias: bool, drop_path: float):
+        super().__init__()
+        for s in self.scales:
+            setattr(self, f"norm1{s}", nn.LayerNorm(dim, eps=1e-6))
+            setattr(self, f"factoratt_crpe{s}", FactorAttnConvRelPosEnc(dim, num_heads, qkv_bias))
+            setattr(self, f"norm2{s}", nn.LayerNorm(dim, eps=1e-6))
+        self.drop_path = DropPath(drop_path)
+        self.mlp2 = Mlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, xs: list[torch.Tensor], sizes: list[Size], cpes: list, crpes: list) -> list[torch.Tensor]:
+        if cpes[0] is not None:
+            xs = [cpe(x, size) for cpe, x, size in zip(cpes, xs, sizes)]
+        attn = [
+            getattr(self, f"factoratt_crpe{s}")(getattr(self, f"norm1{s}")(x), size, crpe)
+            for s, x, size, crpe in zip(self.scales, xs, sizes, crpes)
+        ]
+        # a_s' = a_s + resize(a_t -> grid of s) + resize(a_u -> grid of s), summed in the authors' order
+        mixed = []
+        for i, others in enumerate(self.mix_order):
+            a = attn[i]
+            for j in others:
+                a = a + resize_tokens(attn[j], sizes[j], sizes[i])
+            mixed.append(a)
+        xs = [x + self.drop_path(a) for x, a in zip(xs, mixed)]
+        return [
+            x + self.drop_path(self.mlp2(getattr(self, f"norm2{s}")(x)))
+            for s, x in zip(self.scales, xs)
+        ]
+
+
+class FeatureInfo(list):
+    """timm-style feature description: a list of dicts plus `channels()` and `reduction()`."""
+
+    def channels(self) -> list[int]:
+        return [f["num_chs"] for f in self]
+
+    def reduction(self) -> list[int]:
+        return [f["reduction"] for f in self]
+
+
+def _take_indices(indices: int | Sequence[int] | None, n: int = 4) -> list[int]:
+    if indices is None:
+        return list(range(n))
+    if isinstance(indices, int):
+        if not 0 < indices <= n:
+            raise ValueError(f"expected 1..{n} last scales, got {indices}")
+        return list(range(n - indices, n))
+    out = sorted(i % n if -n <= i < n else _bad_index(i, n) for i in indices)
+    return out
+
+
+def _bad_index(i: int, n: int) -> int:
+    raise ValueError(f"scale index {i} out of range: CoaT has {n} scales (0..{n - 1})")
+
+
+class CoaT(nn.Module):
+    """A CoaT or CoaT-Lite classifier (or, with `features_only=True`, a four-scale backbone).
+
+    Args:
+        config: the architecture.
+        features_only: drop the final norms and classifier; `forward` returns NCHW maps of `out_indices`.
+        out_indices: the scales (0-3, strides 4/8/16/32) a backbone returns.
+    """
+
+    def __init__(self, config: CoaTConfig, *, features_only: bool = False, out_indices: Sequence[int] = (0, 1, 2, 3)):
+        super().__init__()
+        self.config = cfg = config
+        dims = cfg.embed_dims
+        self.num_classes = cfg.num_classes
+        self.num_features = self.head_hidden_size = dims[-1]
+        self.features_only = features_only
+        self.out_indices = _take_indices(out_indices)
+        self.grad_checkpointing = False
+
+        for i in range(4):
+            n = i + 1
+            in_chans = cfg.in_chans if i == 0 else dims[i - 1]
+            stride = cfg.patch_size if i == 0 else 2
+            setattr(self, f"patch_embed{n}", PatchEmbed(in_chans, dims[i], stride))
+            setattr(self, f"cls_token{n}", nn.Parameter(torch.zeros(1, 1, dims[i])))
+            setattr(self, f"cpe{n}", ConvPosEnc(dims[i], cfg.cpe_kernel) if cfg.use_cpe else None)
+            head_dim = dims[i] // cfg.num_heads
+            setattr(self, f"crpe{n}", ConvRelPosEnc(head_dim, cfg.crpe_window) if cfg.use_crpe else None)
+            setattr(self, f"serial_blocks{n}", nn.ModuleList(
+                SerialBlock(dims[i], cfg.num_heads, cfg.mlp_ratios[i], cfg.qkv_bias, cfg.drop_path_rate)
+                for _ in range(cfg.serial_depths[i])
+            ))
+        self.parallel_blocks = nn.ModuleList(
+            ParallelBlock(dims[1], cfg.num_heads, cfg.mlp_ratios[1], cfg.qkv_bias, cfg.drop_path_rate)
+            for _ in range(cfg.parallel_depth)
+        ) if cfg.parallel_depth > 0 else None
+
+        self.feature_info = FeatureInfo(
+            dict(num_chs=dims[i], reduction=cfg.patch_size * 2**i,
+                 module="parallel_blocks" if i > 0 and cfg.parallel_depth else f"serial_blocks{i + 1}")
+            for i in range(4)
+        )
+
+        if features_only:
+            self.norm2 = self.norm3 = self.norm4 = self.aggregate = self.head = None
+            self.head_drop = None
+            self.feature_info = FeatureInfo(self.feature_info[i] for i in self.out_indices)
+        else:
+            parallel = cfg.parallel_depth > 0
+            self.norm2 = nn.LayerNorm(dims[1], eps=1e-6) if parallel else None
+            self.norm3 = nn.LayerNorm(dims[2], eps=1e-6) if parallel else None
+            self.norm4 = nn.LayerNorm(dims[3], eps=1e-6)
+            # CoaT: a learned weighted sum (+ bias) of the class tokens of scales 2-4.
+            self.aggregate = nn.Conv1d(3, 1, kernel_size=1) if parallel else None
+            self.head_drop = nn.Dropout(cfg.drop_rate)
+            self.head = nn.Linear(dims[-1], cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
+        self.reset_parameters()
+
+    # ----------------------------------------------------------------------------------------------------------
+    # init and timm's model API
+
+    def reset_parameters(self) -> None:
+        for i in range(1, 5):
+            nn.init.trunc_normal_(getattr(self, f"cls_token{i}"), std=0.02, a=-2.0, b=2.0)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02, a=-2.0, b=2.0)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        return {f"cls_token{i}" for i in range(1, 5)}
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict:
+        matcher = {}
+        for i in range(1, 5):
+            matcher[f"stem{i}"] = rf"^cls_token{i}|patch_embed{i}|crpe{i}|cpe{i}"
+            matcher[f"serial_blocks{i}"] = rf"^serial_blocks{i}\.(\d+)"
+        matcher["parallel_blocks"] = [(r"^parallel_blocks\.(\d+)", None), (r"^norm|aggregate", (99999,))]
+        return matcher
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block's activations in the backward pass (saves memory, same gradients)."""
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        if self.features_only:
+            raise RuntimeError("a features_only backbone has no classifier")
+        self.num_classes = num_classes
+        pool = self.config.global_pool if global_pool is None else global_pool
+        self.config = dataclasses.replace(self.config, num_classes=num_classes, global_pool=pool)
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        if num_classes > 0:
+            nn.init.trunc_normal_(self.head.weight, std=0.02, a=-2.0, b=2.0)
+            nn.init.zeros_(self.head.bias)
+
+    # ----------------------------------------------------------------------------------------------------------
+    # forward
+
+    def check_input(self, x: torch.Tensor) -> None:
+        """Raises a ValueError that says what input the model takes."""
+        cfg = self.config
+        if x.ndim != 4 or x.shape[1] != cfg.in_chans:
+            raise ValueError(f"expected images of shape (B, {cfg.in_chans}, H, W), got {tuple(x.shape)}")
+        if min(x.shape[-2:]) < cfg.min_input_size:
+            raise ValueError(
+                f"input {x.shape[-2]}x{x.shape[-1]} is too small: CoaT needs at least "
+                f"{cfg.min_input_size}x{cfg.min_input_size} pixels (stride 32); resize or pad the images")
+
+    def _call(self, block: nn.Module, *args):
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            return checkpoint(block, *args, use_reentrant=False)
+        return block(*args)
+
+    def forward_scales(self, x: torch.Tensor, num_stages: int = 4) -> tuple[list[torch.Tensor], list[Size]]:
+        """Serial stages 1..num_stages, then (when all four ran) the parallel blocks.
+
+        Returns the token tensors (B, 1 + H*W, C) of each scale, class token first, and their grid sizes.
+        """
+        self.check_input(x)
+        B = x.shape[0]
+        xs: list[torch.Tensor] = []
+        sizes: list[Size] = []
+        for i in range(1, num_stages + 1):
+            if i > 1:
+                H, W = sizes[-1]
+                # (B, C, H, W), class token dropped; contiguous NCHW like the reference (conv results depend on layout)
+                x = xs[-1][:, 1:].transpose(1, 2).reshape(B, -1, H, W).contiguous()
+            x, size = getattr(self, f"patch_embed{i}")(x)  # (B, H*W, C)
+            x = torch.cat((getattr(self, f"cls_token{i}").expand(B, -1, -1), x), dim=1)  # (B, N, C)
+            cpe, crpe = getattr(self, f"cpe{i}"), getattr(self, f"crpe{i}")
+            for blk in getattr(self, f"serial_blocks{i}"):
+                x = self._call(blk, x, size, cpe, crpe)
+            xs.append(x)
+            sizes.append(size)
+        if self.parallel_blocks is not None and num_stages == 4:
+            cpes = [self.cpe2, self.cpe3, self.cpe4]
+            crpes = [self.crpe2, self.crpe3, self.crpe4]
+            scales = xs[1:]
+            for blk in self.parallel_blocks:
+                scales = self._call(blk, scales, sizes[1:], cpes, crpes)
+            xs = xs[:1] + list(scales)
+        return xs, sizes
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+        """CoaT-Lite: normed tokens of scale 4 (B, N4, C). CoaT: normed tokens of scales 2-4, a list of three."""
+        if self.features_only:
+            raise RuntimeError("forward_features needs the final norms; this is a features_only backbone")
+        xs, _ = self.forward_scales(x)
+        if self.parallel_blocks is None:
+            return self.norm4(xs[3])
+        return [self.norm2(xs[1]), self.norm3(xs[2]), self.norm4(xs[3])]
+
+    def forward_head(self, x: torch.Tensor | list[torch.Tensor], pre_logits: bool = False) -> torch.Tensor:
+        avg = self.config.global_pool == "avg"
+        if isinstance(x, (list, tuple)):
+            pooled = [t[:, 1:].mean(dim=1) if avg else t[:, 0] for t in x]
+            x = self.aggregate(torch.stack(pooled, dim=1)).squeeze(1)  # (B, 3, C) -> (B, C)
+        else:
+            x = x[:, 1:].mean(dim=1) if avg else x[:, 0]
+        x = self.head_drop(x)
+        return x if pre_logits else self.head(x)
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | Sequence[int] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ):
+        """timm's intermediate-feature API: NCHW maps of the requested scales (strides 4/8/16/32).
+
+        CoaT's scales 2-4 are taken after the parallel blocks, so only a Lite model (or a request for scale 0
+        alone) can stop early. With `norm=True` the final norms of scales 2-4 are applied where the model has them.
+        """
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        take = _take_indices(indices)
+        num_stages = 4
+        if stop_early and (self.parallel_blocks is None or max(take) == 0):
+            num_stages = max(take) + 1
+        xs, sizes = self.forward_scales(x, num_stages)
+        final_norms = [None, self.norm2, self.norm3, self.norm4]
+        if norm:
+            xs = [t if n is None else n(t) for n, t in zip(final_norms, xs)]
+        B = x.shape[0]
+        intermediates = []
+        for i in take:
+            t = xs[i][:, 1:]  # (B, H*W, C)
+            if output_fmt == "NCHW":
+                t = t.transpose(1, 2).reshape(B, -1, *sizes[i])  # (B, C, H, W)
+            intermediates.append(t.contiguous())
+        if intermediates_only:
+            return intermediates
+        if num_stages < 4 or self.features_only:
+            return xs[-1], intermediates
+        if not norm:
+            xs = [t if n is None else n(t) for n, t in zip(final_norms, xs)]
+        final = xs[3] if self.parallel_blocks is None else xs[1:]
+        return final, intermediates
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+        if self.features_only:
+            return self.forward_intermediates(x, self.out_indices, stop_early=True, intermediates_only=True)
+        return self.forward_head(self.forward_features(x))
