@@ -8,6 +8,12 @@ from pathlib import Path
 from typing import Callable
 
 
+def _current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     """Calls `write(tmp_path)`, fsyncs the result, then renames it over `path`.
 
@@ -20,6 +26,9 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     os.close(fd)
     try:
         write(tmp)
+        # mkstemp makes the file private (0600); give it the mode a plain open() would, so colleagues on a shared
+        # cluster can read checkpoints and logs as before.
+        os.chmod(tmp, 0o666 & ~_current_umask())
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -9,6 +9,15 @@ Shapes: B batch, N = 1 + H*W tokens (class token first), C channels, h heads, Ch
 Modules that the paper shares between blocks (one CPE and one CRPE per scale, one MLP across the scales of a
 parallel block) are owned once by the model and handed to the blocks at call time, so `state_dict()` holds every
 tensor exactly once. `coatvit.weights` maps the alias keys of the authors' and timm's checkpoints onto them.
+
+Two paths compute the same function. The reference path (`model.set_fast_path(False)`) follows the authors'
+operations one by one and is bit-identical to them. The fast path (the default) computes the same equations
+with less memory traffic, which is what CoaT's time goes to on a CPU: the image tokens (B, H*W, C) are read as
+channels-last maps (B, H, W, C) by the convolutions and resizes instead of being transposed to NCHW and back;
+q, k and v stay views of the qkv projection; the three CRPE convolutions run as one depthwise conv; and in
+single-threaded CPU inference each block runs a few images, its MLP a few hundred tokens, at a time so that the
+activations stay in cache. Its float summation order differs, so its outputs match the reference to about 1e-6,
+not bit for bit (tests/test_fast_path.py). On the meta device (MAC counting) the reference path runs.
 """
 
 from __future__ import annotations
@@ -24,6 +33,13 @@ from torch.utils.checkpoint import checkpoint
 from .config import CoaTConfig
 
 Size = tuple[int, int]
+
+
+def use_fast(module: nn.Module, x: torch.Tensor) -> bool:
+    """Whether `module` takes the fast path for input `x`. On the meta device (MAC counting, `coatvit.flops`)
+    the reference path runs: nothing is computed there, and its operations are the paper's MAC count (the fast
+    path's masked block-diagonal products and zero-padded kernels would inflate it)."""
+    return module.fast_path and not x.is_meta
 
 
 class DropPath(nn.Module):
@@ -49,11 +65,29 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_chans, dim, kernel_size=stride, stride=stride)
         self.norm = nn.LayerNorm(dim, eps=1e-5)
 
+    fast_path = True
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, Size]:
+        if use_fast(self, x):
+            # channels-last in and out: the (B, H, W, C) result is already the token layout
+            x = self.proj(x.contiguous(memory_format=torch.channels_last))  # (B, C, H, W), channels-last
+            size = (x.shape[2], x.shape[3])
+            return self.norm(x.permute(0, 2, 3, 1).flatten(1, 2)), size  # (B, H*W, C), a view
         x = self.proj(x)  # (B, C, H, W)
         size = (x.shape[2], x.shape[3])
         x = x.flatten(2).transpose(1, 2)  # (B, H*W, C)
         return self.norm(x), size
+
+
+def as_channels_last(tokens: torch.Tensor, size: Size) -> torch.Tensor:
+    """Image tokens (B, H*W, C) seen as a channels-last NCHW map (B, C, H, W) without copying."""
+    B, _, C = tokens.shape
+    return tokens.reshape(B, size[0], size[1], C).permute(0, 3, 1, 2)  # (B, C, H, W), strides of (B, H, W, C)
+
+
+def as_tokens(feat: torch.Tensor) -> torch.Tensor:
+    """A channels-last map (B, C, H, W) as tokens (B, H*W, C); a view when `feat` is channels-last."""
+    return feat.permute(0, 2, 3, 1).flatten(1, 2)  # (B, H*W, C)
 
 
 class ConvPosEnc(nn.Module):
@@ -63,10 +97,15 @@ class ConvPosEnc(nn.Module):
         super().__init__()
         self.proj = nn.Conv2d(dim, dim, kernel, padding=kernel // 2, groups=dim)
 
+    fast_path = True
+
     def forward(self, x: torch.Tensor, size: Size) -> torch.Tensor:
         B, N, C = x.shape
         H, W = size
         cls_token, img = x[:, :1], x[:, 1:]  # (B, 1, C), (B, H*W, C)
+        if use_fast(self, x):
+            img = img + as_tokens(self.proj(as_channels_last(img, size)))  # (B, H*W, C)
+            return torch.cat((cls_token, img), dim=1)  # (B, N, C)
         feat = img.transpose(1, 2).reshape(B, C, H, W)  # (B, C, H, W)
         img = (self.proj(feat) + feat).flatten(2).transpose(1, 2)  # (B, H*W, C)
         return torch.cat((cls_token, img), dim=1)  # (B, N, C)
@@ -82,6 +121,29 @@ class ConvRelPosEnc(nn.Module):
             for k, heads in windows
         )
         self.channel_splits = [heads * head_dim for _, heads in windows]
+        self.max_window = max(k for k, _ in windows)
+
+    def merged_kernel(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The per-window kernels zero-padded to the largest window and stacked: one depthwise conv, same result
+        up to float summation order (the added taps multiply zeros)."""
+        weights = []
+        for conv in self.conv_list:
+            pad = (self.max_window - conv.kernel_size[0]) // 2
+            weights.append(F.pad(conv.weight, (pad, pad, pad, pad)))  # (c, 1, K, K)
+        return torch.cat(weights), torch.cat([conv.bias for conv in self.conv_list])
+
+    def add_to(self, out: torch.Tensor, q: torch.Tensor, v: torch.Tensor, size: Size) -> torch.Tensor:
+        """Fast path: out[:, 1:] += Q_img * DWConv(V_img), all in the token layout (B, N, h*Ch).
+
+        `q` and `v` are token-layout views (B, N, C) of the qkv projection, heads side by side in the channels
+        (the same channel order as the reference's (B, h*Ch, H, W)).
+        """
+        weight, bias = self.merged_kernel()
+        v_img = as_channels_last(v[:, 1:], size)  # (B, C, H, W), channels-last view of the qkv output
+        v_img = F.conv2d(v_img.contiguous(memory_format=torch.channels_last), weight, bias,
+                         padding=self.max_window // 2, groups=v_img.shape[1])
+        crpe = q[:, 1:] * as_tokens(v_img)  # (B, H*W, C)
+        return torch.cat((out[:, :1], out[:, 1:] + crpe), dim=1)  # (B, N, C); the class-token row gets nothing
 
     def forward(self, q: torch.Tensor, v: torch.Tensor, size: Size) -> torch.Tensor:
         B, h, N, Ch = q.shape
@@ -104,8 +166,12 @@ class FactorAttnConvRelPosEnc(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
+    fast_path = True
+
     def forward(self, x: torch.Tensor, size: Size, crpe: ConvRelPosEnc | None) -> torch.Tensor:
         B, N, C = x.shape
+        if use_fast(self, x):
+            return self.forward_fast(x, size, crpe)
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # (B, h, N, Ch)
         context = k.softmax(dim=2).transpose(-1, -2) @ v  # (B, h, Ch, Ch); softmax over all N tokens
@@ -114,6 +180,27 @@ class FactorAttnConvRelPosEnc(nn.Module):
             out = out + crpe(q, v, size)
         out = out.transpose(1, 2).reshape(B, N, C)  # (B, N, h, Ch) -> (B, N, C)
         return self.proj(out)
+
+    def forward_fast(self, x: torch.Tensor, size: Size, crpe: ConvRelPosEnc | None) -> torch.Tensor:
+        """The same equations with q, k, v kept as (B, N, C) views of the projection (no head permutes).
+
+        The per-head products become one (C x C) product per image whose off-diagonal head blocks are masked to
+        zero: 8x the MACs of this small term, but plain GEMMs over the token layout instead of three copies.
+        """
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).unflatten(-1, (3, C)).unbind(2)  # (B, N, C) views, heads side by side
+        context = k.softmax(dim=1).transpose(1, 2) @ v  # (B, C, C); softmax over all N tokens per channel
+        # block-diagonal (head i only sees head i), with the 1/sqrt(Ch) scale of the factorized term folded in
+        context = context * self.head_mask(C, x)  # (B, C, C)
+        out = q @ context  # (B, N, C)
+        if crpe is not None:
+            out = crpe.add_to(out, q, v, size)
+        return self.proj(out)
+
+    def head_mask(self, dim: int, like: torch.Tensor) -> torch.Tensor:
+        """(C, C): `scale` inside the diagonal head blocks, 0 elsewhere."""
+        head = torch.arange(dim, device=like.device) // (dim // self.num_heads)
+        return (head[:, None] == head[None, :]).to(like.dtype) * self.scale
 
 
 class Mlp(nn.Module):
@@ -128,6 +215,42 @@ class Mlp(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.act(self.fc1(x)))
 
+    def residual_in_chunks(self, x: torch.Tensor, norm: nn.LayerNorm) -> torch.Tensor:
+        """Inference only: x + MLP(norm(x)), a few hundred tokens at a time.
+
+        The same per-token arithmetic as `x + self(norm(x))`, but the hidden activations (4-8x the width of x)
+        stay in cache instead of making a round trip to memory; on a CPU that halves the MLP's time.
+        """
+        flat = x.reshape(-1, x.shape[-1])  # (B*N, C)
+        out = torch.empty_like(flat)
+        # (rows, hidden) fp32 in 2 MiB: cache-resident, yet few enough chunks that thread start-up stays small
+        rows = max(256, (1 << 19) // self.fc1.out_features)
+        for i in range(0, flat.shape[0], rows):
+            chunk = flat[i:i + rows]
+            torch.add(chunk, self(norm(chunk)), out=out[i:i + rows])
+        return out.view_as(x)
+
+
+def in_chunks_ok(x: torch.Tensor, block: nn.Module) -> bool:
+    """Whether a block may run the fast path's cache-sized chunks: single-threaded CPU inference without autograd
+    or drop path (chunks write into preallocated outputs), outside torch.compile (which fuses the ops itself).
+
+    With more than one thread the many small chunk GEMMs pay a thread barrier each; on the shared 2-core machine
+    that cost 3x the CPU time it saved (BENCHMARKS.md), so multi-threaded and GPU runs take the unchunked path.
+    """
+    if x.device.type != "cpu" or torch.get_num_threads() > 1:
+        return False
+    if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in block.parameters())):
+        return False
+    if block.training and block.drop_path.rate > 0:
+        return False
+    return not torch.compiler.is_compiling()
+
+
+def images_per_chunk(tokens: int, dim: int) -> int:
+    """Images per chunk so that one chunk's qkv activations (tokens x 3C fp32) stay within ~16 MiB (L3)."""
+    return max(1, (1 << 22) // (tokens * 3 * dim))
+
 
 class SerialBlock(nn.Module):
     """x = cpe(x); x = x + drop_path(attn(LN1(x))); x = x + drop_path(MLP(LN2(x)))."""
@@ -140,11 +263,28 @@ class SerialBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
+    fast_path = True
+
     def forward(self, x: torch.Tensor, size: Size, cpe: ConvPosEnc | None, crpe: ConvRelPosEnc | None):
+        if self.fast_path and in_chunks_ok(x, self):
+            return self.forward_in_chunks(x, size, cpe, crpe)
         if cpe is not None:
             x = cpe(x, size)
         x = x + self.drop_path(self.factoratt_crpe(self.norm1(x), size, crpe))
         return x + self.drop_path(self.mlp(self.norm2(x)))
+
+    def forward_in_chunks(self, x: torch.Tensor, size: Size, cpe: ConvPosEnc | None, crpe: ConvRelPosEnc | None):
+        """Inference: the same block, a few images at a time, so each image's activations stay in cache."""
+        B, N, C = x.shape
+        step = images_per_chunk(N, C)
+        out = []
+        for b in range(0, B, step):
+            xb = x[b:b + step]  # (b, N, C)
+            if cpe is not None:
+                xb = cpe(xb, size)
+            xb = xb + self.factoratt_crpe(self.norm1(xb), size, crpe)
+            out.append(self.mlp.residual_in_chunks(xb, self.norm2))
+        return out[0] if len(out) == 1 else torch.cat(out)
 
 
 def resize_tokens(x: torch.Tensor, size: Size, target: Size) -> torch.Tensor:
@@ -155,6 +295,15 @@ def resize_tokens(x: torch.Tensor, size: Size, target: Size) -> torch.Tensor:
     img = x[:, 1:].transpose(1, 2).reshape(B, C, size[0], size[1])  # (B, C, H, W)
     img = F.interpolate(img, size=target, mode="bilinear", align_corners=False)  # (B, C, H', W')
     return torch.cat((x[:, :1], img.flatten(2).transpose(1, 2)), dim=1)  # (B, 1 + H'*W', C)
+
+
+def resize_tokens_fast(x: torch.Tensor, size: Size, target: Size) -> torch.Tensor:
+    """`resize_tokens` on the channels-last view of the image tokens (no transposes)."""
+    if size == target:
+        return x
+    img = as_channels_last(x[:, 1:], size).contiguous(memory_format=torch.channels_last)  # (B, C, H, W)
+    img = F.interpolate(img, size=target, mode="bilinear", align_corners=False)  # (B, C, H', W'), channels-last
+    return torch.cat((x[:, :1], as_tokens(img)), dim=1)  # (B, 1 + H'*W', C)
 
 
 class ParallelBlock(nn.Module):
@@ -168,6 +317,8 @@ class ParallelBlock(nn.Module):
     # Sources summed into each scale (indices into scales 2-4), in the authors' order: float addition is not
     # associative, and this order gives bit-identical outputs.
     mix_order = ((1, 2), (2, 0), (1, 0))
+
+    fast_path = True
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float, qkv_bias: bool, drop_path: float):
         super().__init__()
@@ -186,13 +337,16 @@ class ParallelBlock(nn.Module):
             for s, x, size, crpe in zip(self.scales, xs, sizes, crpes)
         ]
         # a_s' = a_s + resize(a_t -> grid of s) + resize(a_u -> grid of s), summed in the authors' order
+        resize = resize_tokens_fast if use_fast(self, xs[0]) else resize_tokens
         mixed = []
         for i, others in enumerate(self.mix_order):
             a = attn[i]
             for j in others:
-                a = a + resize_tokens(attn[j], sizes[j], sizes[i])
+                a = a + resize(attn[j], sizes[j], sizes[i])
             mixed.append(a)
         xs = [x + self.drop_path(a) for x, a in zip(xs, mixed)]
+        if self.fast_path and in_chunks_ok(xs[0], self):
+            return [self.mlp2.residual_in_chunks(x, getattr(self, f"norm2{s}")) for s, x in zip(self.scales, xs)]
         return [
             x + self.drop_path(self.mlp2(getattr(self, f"norm2{s}")(x)))
             for s, x in zip(self.scales, xs)
@@ -242,6 +396,7 @@ class CoaT(nn.Module):
         self.features_only = features_only
         self.out_indices = _take_indices(out_indices)
         self.grad_checkpointing = False
+        self.fast_path = True
 
         for i in range(4):
             n = i + 1
@@ -316,6 +471,15 @@ class CoaT(nn.Module):
         self.grad_checkpointing = enable
 
     @torch.jit.ignore
+    def set_fast_path(self, enable: bool = True) -> None:
+        """Choose the fast path (default; outputs within ~1e-6 of the reference) or the reference path
+        (bit-identical to the authors' operations). Weights and state-dict keys are the same for both."""
+        self.fast_path = enable
+        for m in self.modules():
+            if hasattr(type(m), "fast_path"):
+                m.fast_path = enable
+
+    @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
         return self.head
 
@@ -358,7 +522,9 @@ class CoaT(nn.Module):
         xs: list[torch.Tensor] = []
         sizes: list[Size] = []
         for i in range(1, num_stages + 1):
-            if i > 1:
+            if i > 1 and use_fast(self, x):
+                x = as_channels_last(xs[-1][:, 1:], sizes[-1])  # (B, C, H, W), a channels-last view
+            elif i > 1:
                 H, W = sizes[-1]
                 # (B, C, H, W), class token dropped; contiguous NCHW like the reference (conv results depend on layout)
                 x = xs[-1][:, 1:].transpose(1, 2).reshape(B, -1, H, W).contiguous()

@@ -48,15 +48,48 @@ def _torch_load(path: Path) -> Any:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise WeightsError(
             f"refused to load {path}: it holds pickled objects other than tensors and plain containers "
-            f"({first[:160]}); only weights-only files load here. Re-save the state dict from a trusted "
-            f"environment, preferably as .safetensors") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as e:
+            f"({_unpickler_reason(str(e))}), and unpickling those can run code; nothing in it was executed. "
+            f"Re-save the state dict from a trusted environment, preferably as .safetensors") from None
+    except Exception as e:  # noqa: BLE001 - bytes from outside: any parse failure is the file's fault, not ours
         raise WeightsError(
             f"cannot read {path}: the file is truncated or not a PyTorch checkpoint ({type(e).__name__}); "
             f"download or copy it again") from None
+
+
+def read_torch_file(path: str | os.PathLike) -> Any:
+    """Reads a PyTorch `.pth`/`.bin`/`.pt` file (zip or legacy) with `torch.load(weights_only=True)`: tensors and
+    plain containers only, no code runs.
+
+    Raises:
+        WeightsError: the file is missing, empty, truncated, corrupt, or holds pickled objects of other types.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"{path} does not exist; check the path")
+    size = path.stat().st_size
+    if size == 0:
+        raise WeightsError(f"{path} is empty (0 bytes): the write, download or copy was cut; use another copy")
+    with open(path, "rb") as f:
+        zipped = f.read(2) == b"PK"
+    if zipped and not zipfile.is_zipfile(path):
+        raise WeightsError(
+            f"cannot read {path}: the PyTorch zip archive is truncated (no end-of-archive record in its {size} bytes); "
+            f"download or copy it again")
+    return _torch_load(path)
+
+
+def _unpickler_reason(message: str) -> str:
+    """The one useful clause of torch's weights-only refusal (which global or opcode it met), without ANSI codes."""
+    message = re.sub(r"\x1b\[[0-9;]*m", "", message)
+    found = re.search(r"unsupported global:? (?:GLOBAL )?(\S+)", message, re.IGNORECASE)
+    if found:
+        return f"it asks for the global {found.group(1)}"
+    found = re.search(r"WeightsUnpickler error:\s*(.+)", message)
+    if found:
+        return " ".join(found.group(1).split())[:120]
+    return " ".join(message.split())[:120] or "unsupported pickle content"
 
 
 def _looks_like_safetensors(head: bytes, size: int) -> bool:
@@ -64,6 +97,12 @@ def _looks_like_safetensors(head: bytes, size: int) -> bool:
         return False
     n = int.from_bytes(head[:8], "little")
     return 0 < n <= size - 8 and head[8:9] == b"{"
+
+
+def _safetensors_header_cut(head: bytes, size: int) -> bool:
+    # A safetensors file cut inside its JSON header: the announced header length runs past the end of the file.
+    n = int.from_bytes(head[:8], "little")
+    return size - 8 < n < 1 << 27 and head[8:9] == b"{"
 
 
 def read_weights(path: str | os.PathLike) -> tuple[StateDict, dict[str, Any]]:
@@ -82,8 +121,11 @@ def read_weights(path: str | os.PathLike) -> tuple[StateDict, dict[str, Any]]:
     with open(path, "rb") as f:
         head = f.read(16)
     meta: dict[str, Any] = {}
+    if size < 16:
+        raise WeightsError(
+            f"weight file {path} is only {size} bytes long: the download or copy was cut; fetch it again")
     if head[:2] == b"PK" or head[:1] == b"\x80":
-        obj = _torch_load(path)
+        obj = read_torch_file(path)
     elif _looks_like_safetensors(head, size):
         from safetensors import SafetensorError, safe_open
 
@@ -97,6 +139,10 @@ def read_weights(path: str | os.PathLike) -> tuple[StateDict, dict[str, Any]]:
         for k, v in raw_meta.items():
             if k.startswith("coatvit."):
                 meta[k.removeprefix("coatvit.")] = json.loads(v)
+    elif _safetensors_header_cut(head, size):
+        raise WeightsError(
+            f"cannot read {path}: the safetensors file is truncated (its header alone announces "
+            f"{int.from_bytes(head[:8], 'little')} bytes, the file has {size}); fetch it again")
     else:
         raise WeightsError(
             f"{path} is not a weight file: expected safetensors or a PyTorch .pth/.bin checkpoint, "

@@ -1,0 +1,118 @@
+"""The benchmark harness: its configuration checks, its rows and CSV, and the `coatvit benchmark` command.
+
+Timings themselves are never asserted (they depend on the machine); the structure and the bookkeeping are."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from coatvit import benchmark
+from coatvit.cli import main
+from coatvit.flops import count_macs
+from coatvit.registry import create_model
+
+TINY = dict(model="coat_test", batch_size=2, img_size=(32, 32), repeats=2, steps=1, warmup=0, threads=1,
+            peak_memory=False, matmul_size=256)
+
+
+@pytest.fixture(autouse=True)
+def keep_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(vs=("tim",)), "unknown baseline"),
+    (dict(modes=("inference",)), "modes must be"),
+    (dict(modes=()), "modes must be"),
+    (dict(amp="fp8"), "amp must be"),
+    (dict(batch_size=0), "must be >= 1"),
+    (dict(img_size=(32,)), "img_size must be"),
+])
+def test_config_rejects_bad_values(bad, message):
+    with pytest.raises(ValueError, match=message):
+        benchmark.BenchmarkConfig(**{**TINY, **bad})
+
+
+def test_run_benchmark_rows_have_timm_columns_and_ratios():
+    rows = benchmark.run_benchmark(benchmark.BenchmarkConfig(**TINY, vs=("reference",)))
+    assert [r["impl"] for r in rows] == ["ours", "reference"]
+    for row in rows:
+        for key in ("infer_samples_per_sec", "infer_step_time", "train_samples_per_sec", "train_step_time",
+                    "latency_step_time"):
+            assert row[key] > 0, key
+        assert row["infer_batch_size"] == row["train_batch_size"] == 2
+        assert row["infer_img_size"] == 32 and row["param_count"] == round(61_678 / 1e6, 3)
+        assert 0 <= row["mac_fraction_of_matmul_peak"] < 1  # a 61k-parameter model is far from the peak
+        assert row["threads"] == 1 and row["repeats"] == 2
+    assert rows[0]["infer_speedup"] == 1.0 and rows[1]["infer_speedup"] > 0
+    with torch.device("meta"):
+        reference = create_model("coat_test")
+    reference.set_fast_path(False)
+    assert rows[0]["infer_gmacs"] == round(count_macs(reference, (32, 32)) / 1e9, 3)
+
+
+def test_vs_timm_builds_timm_model_for_our_own_variant():
+    # coat_test is not a timm name: timm's CoaT class is built from our config, with the same parameter count.
+    cfg = benchmark.BenchmarkConfig(**TINY, vs=("timm",), modes=("infer",))
+    timm_model = benchmark.build_model("timm", cfg)
+    assert type(timm_model).__module__.startswith("timm.")
+    assert sum(p.numel() for p in timm_model.parameters()) == 61_678
+    rows = benchmark.run_benchmark(cfg)
+    assert rows[1]["impl"] == "timm" and rows[1]["infer_speedup"] > 0 and "train_step_time" not in rows[1]
+
+
+def test_time_interleaved_alternates_order():
+    order = []
+    cfg = benchmark.BenchmarkConfig(**{**TINY, "repeats": 4})
+    samples = benchmark.time_interleaved({"a": lambda: order.append("a"), "b": lambda: order.append("b")}, cfg)
+    assert order == ["a", "b", "b", "a", "a", "b", "b", "a"]
+    assert all(len(v) == 4 and min(v) >= 0 for v in samples.values())
+
+
+def test_write_csv_appends_under_one_header(tmp_path):
+    path = tmp_path / "speed.csv"
+    row = {"model": "coat_test", "impl": "ours", "infer_samples_per_sec": 1.5, "unknown_column": 3}
+    benchmark.write_csv([row], path)
+    benchmark.write_csv([row], path)
+    lines = list(csv.DictReader(path.open()))
+    assert len(lines) == 2 and lines[0]["infer_samples_per_sec"] == "1.5"
+    assert list(lines[0])[:6] == ["model", "impl", "infer_samples_per_sec", "infer_step_time",
+                                  "infer_batch_size", "infer_img_size"]
+
+
+def test_peak_memory_of_a_step_is_measured():
+    cfg = benchmark.BenchmarkConfig(**{**TINY, "batch_size": 8, "img_size": (64, 64)})
+    payload = json.dumps({"impl": "ours", "mode": "infer", "config": dataclasses.asdict(cfg)})
+    infer = benchmark._child_peak_rss(payload)  # in this process: the measurement itself
+    train = benchmark.peak_memory_mb("ours", "train", cfg)  # in a child process, as the benchmark runs it
+    assert 0 <= infer < train  # training keeps activations, gradients and AdamW moments
+
+
+def test_cli_benchmark_writes_csv(tmp_path, capsys):
+    path = tmp_path / "b.csv"
+    code = main(["benchmark", "--model", "coat_test", "--img-size", "32", "--batch-size", "2", "--vs", "reference",
+                 "--modes", "infer", "latency", "--repeats", "1", "--steps", "1", "--warmup", "0", "--threads", "1",
+                 "--no-memory", "--csv", str(path)])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "matmul peak" in out and "ours is" in out
+    rows = list(csv.DictReader(path.open()))
+    assert [r["impl"] for r in rows] == ["ours", "reference"] and rows[0]["train_samples_per_sec"] == ""
+
+
+@pytest.mark.parametrize("args", [
+    ["--vs", "tim"],
+    ["--img-size", "16"],
+    ["--model", "coat_nope"],
+])
+def test_cli_benchmark_bad_input_exits_2(args, capsys):
+    assert main(["benchmark", "--model", "coat_test", "--no-memory", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("coatvit benchmark: error:") and len(err.strip().splitlines()) == 1
