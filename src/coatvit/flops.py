@@ -24,8 +24,20 @@ def _bilinear_flops(input_shape, *args, out_shape=None, **kwargs) -> int:
 
 def count_macs(model: nn.Module, img_size: tuple[int, int], in_chans: int = 3) -> int:
     """MACs of one forward pass of one image: matmuls, convolutions, LayerNorm and bilinear resizing, counted
-    like fvcore (the paper's "GFLOPs"). Run on a meta-device model it allocates nothing.
+    like fvcore (the paper's "GFLOPs"). Run on a meta-device model it allocates nothing. The reference path is
+    counted on every device: the fast path computes the same equations with other operations.
     """
+    fast = getattr(model, "fast_path", None)
+    if fast:
+        model.set_fast_path(False)
+    try:
+        return _count(model, img_size, in_chans)
+    finally:
+        if fast:
+            model.set_fast_path(True)
+
+
+def _count(model: nn.Module, img_size: tuple[int, int], in_chans: int) -> int:
     device = next(model.parameters()).device
     x = torch.empty(1, in_chans, *img_size, device=device)
     counter = FlopCounterMode(display=False, custom_mapping={
