@@ -116,3 +116,16 @@ def test_cli_benchmark_bad_input_exits_2(args, capsys):
     assert main(["benchmark", "--model", "coat_test", "--no-memory", *args]) == 2
     err = capsys.readouterr().err
     assert err.startswith("coatvit benchmark: error:") and len(err.strip().splitlines()) == 1
+
+
+def test_ours_ckpt_contender_checkpoints_and_keeps_fewer_activations():
+    from coatvit.memory import saved_activation_bytes
+
+    cfg = benchmark.BenchmarkConfig(**{**TINY, "vs": ("ours-ckpt",), "img_size": (64, 64)})
+    plain, ckpt = benchmark.build_model("ours", cfg), benchmark.build_model("ours-ckpt", cfg)
+    assert ckpt.grad_checkpointing and not plain.grad_checkpointing
+    assert ckpt.state_dict().keys() == plain.state_dict().keys()
+    x = torch.randn(2, 3, 64, 64)
+    assert saved_activation_bytes(ckpt.train(), x) < saved_activation_bytes(plain.train(), x) / 2
+    rows = benchmark.run_benchmark(dataclasses.replace(cfg, modes=("train",)))
+    assert [r["impl"] for r in rows] == ["ours", "ours-ckpt"] and rows[1]["train_speedup"] > 0

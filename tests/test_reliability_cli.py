@@ -42,7 +42,7 @@ def assert_one_line_error(code: int, err: str, *needles: str) -> str:
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
-    """A real `last.pth` from a one-epoch coat_test run on the built-in data (8 classes)."""
+    """A real `last.pth` from a one-epoch coat_test run on the built-in data (5 classes)."""
     out = tmp_path_factory.mktemp("runs")
     assert main([*TINY, "--output", str(out), "--experiment", "ref"]) == 0
     return out / "ref" / "last.pth"
@@ -137,6 +137,13 @@ def test_unwritable_output_is_checked_before_anything_else(capsys, tmp_path, whe
     assert "epoch" not in out
 
 
+def test_a_run_rejected_by_its_checks_leaves_no_empty_run_directory(capsys, tmp_path):
+    output = tmp_path / "runs"
+    code, _, err = run_cli(capsys, [*TINY, "--img-size", "8", "--output", str(output)])
+    assert_one_line_error(code, err, "too small")
+    assert not output.exists() and list(tmp_path.iterdir()) == []  # not even the write probe is left
+
+
 # ------------------------------------------------------------------------------------------------------------
 # checkpoints for another architecture or class count
 
@@ -150,11 +157,11 @@ def test_finetune_weights_of_another_architecture(capsys, tmp_path):
     coatvit.save_weights(coatvit.create_model("coat_lite_tiny", num_classes=8), tmp_path / "lite.safetensors")
     code, _, err = run_cli(capsys, [*TINY, "--finetune", str(tmp_path / "lite.safetensors"),
                                     "--output", str(tmp_path / "runs")])
-    assert_one_line_error(code, err, "do not fit", "check that the file was made for this model name")
+    assert_one_line_error(code, err, "do not fit", "they are coat_lite_tiny weights", "--model coat_lite_tiny")
 
 
 def test_resume_with_another_class_count(capsys, tmp_path, checkpoint):
-    """The checkpoint's head has 8 classes; the data has 3."""
+    """The checkpoint's head has 5 classes; the data has 3."""
     data = _image_folder(tmp_path / "data", classes=3, per_class=6)
     code, _, err = run_cli(capsys, ["train", "--resume", str(checkpoint), "--epochs", "2", "--data", str(data),
                                     "--val-split", "0.3", "-j", "0", "--output", str(tmp_path / "runs"),

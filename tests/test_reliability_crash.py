@@ -197,6 +197,7 @@ def test_sigkill_then_resume_equals_uninterrupted_run(killed_runs, reference, sp
 
     assert main(["train", "--resume", str(last)]) == 0
     torch.set_num_threads(1)
+    assert not list(run_dir.glob(".*.tmp"))  # partial writes of the killed process are cleaned up on resume
     final, ref = load_checkpoint(last), load_checkpoint(reference / "last.pth")
     assert final["epoch"] == EPOCHS - 1
     assert_same_training_state(final, ref)

@@ -81,10 +81,21 @@ def test_our_file_roundtrip_keeps_config_and_classes(tmp_path):
 
 def test_mismatch_names_keys_and_shapes(tmp_path):
     lite = coatvit.create_model("coat_lite_tiny")
-    with pytest.raises(coatvit.WeightsError, match=r"missing 174 keys: aggregate.bias, .*\(\+168 more\)"):
+    # Another variant's file: the error says which model it was made for.
+    with pytest.raises(coatvit.WeightsError, match=r"they are coat_lite_tiny weights \(174 keys missing, 0 unexp"):
         coatvit.load_weights(coatvit.create_model("coat_tiny"), lite.state_dict())
-    with pytest.raises(coatvit.WeightsError, match=r"shape conflicts: .*patch_embed"):
+    with pytest.raises(coatvit.WeightsError, match=r"they are coat_lite_tiny weights .* shape conflicts here\); "
+                                                    r"build that model instead \(CLI: --model coat_lite_tiny\)"):
         coatvit.load_weights(coatvit.create_model("coat_lite_mini"), lite.state_dict())
+    # A file that fits no variant: the keys and shapes themselves are named.
+    state = {k: v for k, v in lite.state_dict().items() if not k.startswith("serial_blocks4.")}
+    with pytest.raises(coatvit.WeightsError,
+                       match=r"missing 24 keys: serial_blocks4.0.factoratt_crpe.proj.bias, .*\(\+18 more\)"):
+        coatvit.load_weights(coatvit.create_model("coat_lite_tiny"), state)
+    state = dict(lite.state_dict())
+    state["patch_embed1.proj.weight"] = torch.zeros(64, 3, 4, 5)
+    with pytest.raises(coatvit.WeightsError, match=r"shape conflicts: patch_embed1.proj.weight \(64, 3, 4, 5\) vs"):
+        coatvit.load_weights(coatvit.create_model("coat_lite_tiny"), state)
     state = dict(lite.state_dict())
     state["extra.weight"] = torch.zeros(1)
     with pytest.raises(coatvit.WeightsError, match=r"unexpected 1 keys: extra.weight"):

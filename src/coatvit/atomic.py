@@ -51,3 +51,18 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
             f.write(text)
 
     return atomic_write(path, write)
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Deletes the temporary files `atomic_write` leaves behind when its process is killed mid-write
+    (`.NAME.XXXXXXXX.tmp`, whose target NAME they never replaced). Call it when resuming into `folder`, where no
+    other writer is running. Returns the removed paths."""
+    removed = []
+    for tmp in Path(folder).glob(".*.tmp"):
+        if tmp.is_file():
+            try:
+                tmp.unlink()
+            except OSError:
+                continue
+            removed.append(tmp)
+    return removed

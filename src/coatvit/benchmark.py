@@ -27,7 +27,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-BASELINES = ("timm", "timm-compile", "reference", "ours-compile")
+BASELINES = ("timm", "timm-compile", "reference", "ours-compile", "ours-ckpt")
 MODES = ("infer", "latency", "train")
 AMP_DTYPES = {"none": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -55,7 +55,8 @@ class BenchmarkConfig:
         channels_last: channels-last model and input (both implementations).
         compile: torch.compile our model (baselines keep their own setting: `timm-compile` compiles timm's).
         vs: baselines measured against ours, each interleaved with it: 'timm', 'timm-compile', 'reference'
-            (our reference path), 'ours-compile'.
+            (our reference path), 'ours-compile', 'ours-ckpt' (ours with gradient checkpointing: the training
+            speed and peak memory it trades).
         modes: which of 'infer', 'latency', 'train' to run.
         repeats: interleaved repeats; the median and the spread (min-max) are reported.
         steps: timed steps per repeat (their mean is one sample).
@@ -106,14 +107,16 @@ class BenchmarkConfig:
 
 
 def build_model(impl: str, cfg: BenchmarkConfig) -> nn.Module:
-    """One contender: 'ours' (fast path), 'reference' (our reference path), 'timm', or a '-compile' variant."""
+    """One contender: 'ours' (fast path), 'ours-ckpt' (fast path, gradient checkpointing), 'reference' (our
+    reference path), 'timm', or a '-compile' variant."""
     base = impl.removesuffix("-compile")
     torch.manual_seed(cfg.seed)
-    if base in ("ours", "reference"):
+    if base in ("ours", "ours-ckpt", "reference"):
         from .registry import create_model
 
         model = create_model(cfg.model)
-        model.set_fast_path(base == "ours")
+        model.set_fast_path(base != "reference")
+        model.set_grad_checkpointing(base == "ours-ckpt")
     elif base == "timm":
         from .registry import get_config
 

@@ -351,16 +351,17 @@ def run_predict(args) -> int:
 
 def _add_export(sub):
     p = sub.add_parser("export", help="ONNX / .pt2 / TFLite of a classifier or backbone, checked after export",
-                       description="Export a model with dynamic batch, height and width, then check the file "
-                                   "against eager PyTorch at two batch sizes and two resolutions (max abs diff "
-                                   "printed; ONNX must match to 1e-4).")
+                       description="Export a model, then check the file against eager PyTorch (max abs diff "
+                                   "printed; it must be <= 1e-4). ONNX and .pt2 have dynamic batch, height and "
+                                   "width and are checked at two batch sizes and two resolutions; TFLite is batch 1 "
+                                   "at the fixed --img-size, checked in the LiteRT interpreter.")
     p.add_argument("--format", dest="export_format", choices=("onnx", "pt2", "tflite"), default="onnx",
                    help="tflite runs litert-torch in its own environment ($COATVIT_LITERT_PYTHON, see README)")
     p.add_argument("--model", help="architecture (optional when the weight file names it)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--weights", metavar="PATH", help="weight file or training checkpoint")
     src.add_argument("--pretrained", action="store_true", help="the released ImageNet-1k weights of --model")
-    p.add_argument("--output", required=True, metavar="FILE", help="the .onnx / .pt2 file to write")
+    p.add_argument("--output", required=True, metavar="FILE", help="the .onnx / .pt2 / .tflite file to write")
     p.add_argument("--features", action="store_true", help="export the backbone (four NCHW maps, strides 4-32)")
     add_img_size(p)
     p.add_argument("--no-optimize", action="store_true", help="skip the ONNX graph optimizer")
@@ -573,7 +574,8 @@ def _add_benchmark(sub):
     p.add_argument("--channels-last", action="store_true", help="channels-last model and input")
     p.add_argument("--compile", action="store_true", help="torch.compile our model")
     p.add_argument("--vs", nargs="*", default=["timm"], metavar="BASELINE",
-                   help="baselines: timm, timm-compile, reference, ours-compile (none: ours alone)")
+                   help="baselines: timm, timm-compile, reference, ours-compile, ours-ckpt (with gradient "
+                        "checkpointing); none: ours alone")
     p.add_argument("--modes", nargs="+", default=["infer", "latency", "train"], metavar="MODE",
                    help="infer (batch), latency (batch 1), train (fwd + bwd + AdamW)")
     p.add_argument("--repeats", type=int, default=5, help="interleaved repeats (median and min-max reported)")

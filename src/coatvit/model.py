@@ -232,13 +232,14 @@ class Mlp(nn.Module):
 
 
 def in_chunks_ok(x: torch.Tensor, block: nn.Module) -> bool:
-    """Whether a block may run the fast path's cache-sized chunks: single-threaded CPU inference without autograd
-    or drop path (chunks write into preallocated outputs), outside torch.compile (which fuses the ops itself).
+    """Whether a block may run the fast path's cache-sized chunks: CPU inference without autograd or drop path
+    (chunks write into preallocated outputs), outside torch.compile (which fuses the ops itself).
 
-    With more than one thread the many small chunk GEMMs pay a thread barrier each; on the shared 2-core machine
-    that cost 3x the CPU time it saved (BENCHMARKS.md), so multi-threaded and GPU runs take the unchunked path.
+    Measured on an idle 2-core machine (BENCHMARKS.md), chunking makes coat_lite_tiny inference 1.6x faster with
+    1 or 2 threads. On a CPU oversubscribed by other jobs every parallel region waits for a descheduled thread, and
+    the many small chunks then cost more than they save: run such jobs with `torch.set_num_threads(1)`.
     """
-    if x.device.type != "cpu" or torch.get_num_threads() > 1:
+    if x.device.type != "cpu":
         return False
     if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in block.parameters())):
         return False

@@ -14,6 +14,7 @@ import copy
 import csv
 import dataclasses
 import datetime
+import errno
 import json
 import math
 import os
@@ -22,6 +23,7 @@ import random
 import shlex
 import subprocess
 import sys
+import tempfile
 import time
 import types
 import typing
@@ -36,7 +38,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from .atomic import atomic_write, atomic_write_text
+from .atomic import atomic_write, atomic_write_text, remove_stale_temporaries
 from .errors import CoaTError, ConfigError, DataError, WeightsError
 
 # ------------------------------------------------------------------------------------------------------------
@@ -383,18 +385,29 @@ def library_versions() -> dict[str, str]:
     return out
 
 
-def check_writable(folder: str | os.PathLike) -> Path:
-    """Creates `folder` if needed and proves a file can be written there (before any training time is spent).
+def check_writable(folder: str | os.PathLike, *, create: bool = True) -> Path:
+    """Proves a file can be written in `folder` (before any training time is spent) and returns it.
+
+    With `create` the folder is made if needed and probed; without, nothing is left behind: the nearest existing
+    ancestor is probed instead (so a run that fails its later checks leaves no empty run directory).
 
     Raises:
         PermissionError naming the folder when it cannot be written.
     """
     folder = Path(folder)
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
+        if create:
+            folder.mkdir(parents=True, exist_ok=True)
+            probe_dir = folder
+        else:
+            probe_dir = folder.absolute()
+            while not probe_dir.exists() and probe_dir != probe_dir.parent:
+                probe_dir = probe_dir.parent
+            if not probe_dir.is_dir():
+                raise NotADirectoryError(errno.ENOTDIR, "a file is in the way", str(probe_dir))
+        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=probe_dir)
+        os.close(fd)
+        os.unlink(probe)
     except OSError as e:
         raise PermissionError(f"output folder {folder} is not writable ({e.strerror or e}); "
                               f"pass --output pointing at a writable folder") from None
@@ -674,7 +687,7 @@ def train(cfg: TrainConfig, *, argv: Sequence[str] | None = None) -> dict[str, A
     run_dir = Path(cfg.resume).parent if cfg.resume and cfg.experiment is None else Path(cfg.output) / (
         cfg.experiment or f"{cfg.model}-{datetime.datetime.now():%Y%m%d-%H%M%S}")
     if main:
-        check_writable(run_dir)  # before any data is read or time spent
+        check_writable(run_dir, create=False)  # before any data is read or time spent; creates nothing
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
@@ -779,6 +792,8 @@ def train(cfg: TrainConfig, *, argv: Sequence[str] | None = None) -> dict[str, A
             "num_classes": num_classes, "device": str(device), "updates_per_epoch": updates_per_epoch}}, argv=argv)
         if resume_state is not None:
             truncate_csv(run_dir / "summary.csv", lambda r: int(r["epoch"]) < start_epoch)
+            for tmp in remove_stale_temporaries(run_dir):
+                log(f"removed {tmp.name}, a partial write of the interrupted run", main)
         log(f"{cfg.model}: {sum(p.numel() for p in model.parameters()):,} parameters, {num_classes} classes, "
             f"{len(train_set)} train / {len(val_set)} val images at {img_size[0]}x{img_size[1]}, global batch "
             f"{global_batch}, lr {lr:.3g}, {cfg.epochs} epochs x {updates_per_epoch} steps on {device} "

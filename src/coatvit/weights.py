@@ -193,8 +193,8 @@ def _describe(keys: list[str], limit: int = 6) -> str:
     return shown + (f" (+{len(keys) - limit} more)" if len(keys) > limit else "")
 
 
-def canonicalize_state_dict(state: Mapping[str, torch.Tensor], model: nn.Module, *, reset_head: bool = False
-                            ) -> StateDict:
+def canonicalize_state_dict(state: Mapping[str, torch.Tensor], model: nn.Module, *, reset_head: bool = False,
+                            identify: bool = True) -> StateDict:
     """Maps any supported checkpoint onto `model`'s own keys, checking every key and shape.
 
     - alias keys of shared modules (CPE, CRPE, the parallel blocks' shared MLP) fold onto the one tensor we keep;
@@ -244,11 +244,34 @@ def canonicalize_state_dict(state: Mapping[str, torch.Tensor], model: nn.Module,
             parts.append(f"unexpected {len(unexpected)} keys: {_describe(unexpected)}")
         if shape_conflicts:
             parts.append(f"shape conflicts: {_describe(shape_conflicts, 4)}")
-        hint = ("; the classifier differs: pass num_classes (CLI: --num-classes) to re-initialise it"
-                if shape_conflicts and all(c.startswith("head.") for c in shape_conflicts)
-                else "; check that the file was made for this model name")
-        raise WeightsError("weights do not fit the model: " + "; ".join(parts) + hint)
+        if shape_conflicts and not missing and not unexpected and all(c.startswith("head.") for c in shape_conflicts):
+            raise WeightsError("weights do not fit the model: " + "; ".join(parts) + "; the classifier differs: "
+                               "pass num_classes (CLI: --num-classes) to re-initialise it")
+        names = identify_variants(out) if identify else []
+        if names:
+            raise WeightsError(f"weights do not fit the model: they are {' / '.join(names)} weights "
+                               f"({len(missing)} keys missing, {len(unexpected)} unexpected, {len(shape_conflicts)} "
+                               f"shape conflicts here); build that model instead (CLI: --model {names[0]})")
+        raise WeightsError("weights do not fit the model: " + "; ".join(parts)
+                           + "; check that the file was made for this model name")
     return out
+
+
+def identify_variants(state: Mapping[str, torch.Tensor]) -> list[str]:
+    """Names of the registered variants whose backbone the state dict fits (the classifier may differ); built on
+    the meta device, so this costs no memory. Used to tell a user which model a mismatched file was made for."""
+    from .registry import create_model, list_models
+
+    names = []
+    for name in list_models():
+        with torch.device("meta"):
+            candidate = create_model(name)
+        try:
+            canonicalize_state_dict(state, candidate, reset_head=True, identify=False)
+        except WeightsError:
+            continue
+        names.append(name)
+    return names
 
 
 def load_weights(model: nn.Module, path_or_state_dict: Any, *, reset_head: bool = False) -> nn.Module:
