@@ -24,7 +24,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--img-size", type=int, default=224)
     args = parser.parse_args()
-    print(f"| model | batch | input | saved activations (MiB) | with checkpointing (MiB) | reduction |")
+    print("| model | batch | input | saved activations (MiB) | with checkpointing (MiB) | reduction |")
     print("|---|---|---|---|---|---|")
     for name in args.models:
         torch.manual_seed(0)

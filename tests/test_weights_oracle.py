@@ -128,3 +128,10 @@ def test_ddp_and_compile_prefixes_are_stripped():
     state = {f"module.{k}": v for k, v in model.state_dict().items()}
     other = coatvit.load_weights(coatvit.create_model("coat_test"), state)
     assert torch.equal(other.cls_token2, model.cls_token2)
+
+
+def test_mismatch_names_a_variant_with_more_modules_than_the_model():
+    """A CoaT file loaded into a Lite model: keys the Lite model lacks (final norms 2-3) must not hide the match."""
+    coat_tiny = coatvit.create_model("coat_tiny").state_dict()
+    with pytest.raises(coatvit.WeightsError, match=r"they are coat_tiny weights .*--model coat_tiny\)"):
+        coatvit.load_weights(coatvit.create_model("coat_lite_tiny"), coat_tiny)

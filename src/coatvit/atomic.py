@@ -7,6 +7,8 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
+_TEMP_SUFFIX = ".tmp"  # atomic_write's temporaries: .NAME.XXXXXXXX.tmp next to NAME
+
 
 def _current_umask() -> int:
     mask = os.umask(0o022)
@@ -22,7 +24,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=_TEMP_SUFFIX, dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
@@ -58,7 +60,7 @@ def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
     (`.NAME.XXXXXXXX.tmp`, whose target NAME they never replaced). Call it when resuming into `folder`, where no
     other writer is running. Returns the removed paths."""
     removed = []
-    for tmp in Path(folder).glob(".*.tmp"):
+    for tmp in Path(folder).glob(f".*{_TEMP_SUFFIX}"):
         if tmp.is_file():
             try:
                 tmp.unlink()

@@ -247,7 +247,7 @@ def canonicalize_state_dict(state: Mapping[str, torch.Tensor], model: nn.Module,
         if shape_conflicts and not missing and not unexpected and all(c.startswith("head.") for c in shape_conflicts):
             raise WeightsError("weights do not fit the model: " + "; ".join(parts) + "; the classifier differs: "
                                "pass num_classes (CLI: --num-classes) to re-initialise it")
-        names = identify_variants(out) if identify else []
+        names = identify_variants(state) if identify else []  # the file as read: `out` lost keys this model lacks
         if names:
             raise WeightsError(f"weights do not fit the model: they are {' / '.join(names)} weights "
                                f"({len(missing)} keys missing, {len(unexpected)} unexpected, {len(shape_conflicts)} "
