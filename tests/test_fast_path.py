@@ -54,6 +54,25 @@ def test_fast_equals_reference_eval(name):
     assert _max_diff(out_fast, out_ref) < 1e-5, name
 
 
+@pytest.mark.parametrize("per_head_min_channels", [1, 10**9], ids=["per-head", "masked"])
+def test_both_attention_products_equal_reference(monkeypatch, per_head_min_channels):
+    # every attention module forced onto one of the two products, values and gradients
+    monkeypatch.setattr(model_module.FactorAttnConvRelPosEnc, "per_head_min_channels", per_head_min_channels)
+    for name in ("coat_lite_tiny", "coat_tiny"):
+        model = _model(name).eval()
+        x = torch.randn(2, 3, *SIZE, requires_grad=True)
+
+        def run(m):
+            x.grad = None
+            out = m(x)
+            out.square().sum().backward()
+            return out.detach(), x.grad.clone()
+
+        (out_fast, grad_fast), (out_ref, grad_ref) = _both(model, run)
+        assert _max_diff(out_fast, out_ref) < 1e-5, name
+        assert _max_diff(grad_fast, grad_ref) < 1e-4 * max(1.0, grad_ref.abs().max().item()), name
+
+
 @pytest.mark.parametrize("size", [(32, 32), (37, 53), (64, 96), (97, 41), (224, 224)])
 def test_fast_equals_reference_at_many_sizes(size):
     model = _model("coat_test").eval()

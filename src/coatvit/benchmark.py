@@ -27,6 +27,8 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
+from .runtime import allocator_tuned, tune_cpu_allocator
+
 BASELINES = ("timm", "timm-compile", "reference", "ours-compile", "ours-ckpt")
 MODES = ("infer", "latency", "train")
 AMP_DTYPES = {"none": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -38,7 +40,7 @@ CSV_COLUMNS = (
     "latency_spread", "train_samples_per_sec", "train_step_time", "train_batch_size", "train_img_size",
     "train_speedup", "train_spread", "infer_peak_mem_mb", "train_peak_mem_mb", "mac_fraction_of_matmul_peak",
     "matmul_peak_gflops", "device", "threads", "amp", "channels_last", "compile", "repeats", "load_before",
-    "load_after", "torch", "timm", "cpu",
+    "load_after", "torch", "timm", "cpu", "allocator",
 )
 
 
@@ -65,6 +67,8 @@ class BenchmarkConfig:
         peak_memory: also measure peak memory (on CPU: peak RSS of a child process running one step).
         matmul_size: n of the n x n x n fp32 matmul whose FLOP/s is the peak reported beside the model's rate.
         seed: seed of the weights and inputs.
+        tuned_allocator: call `coatvit.runtime.tune_cpu_allocator()` first (process-wide: every contender gets
+            it, as in the `coatvit` commands); False measures the allocator as a plain Python process has it.
     """
 
     model: str = "coat_lite_tiny"
@@ -83,6 +87,7 @@ class BenchmarkConfig:
     peak_memory: bool = True
     matmul_size: int = 2048
     seed: int = 0
+    tuned_allocator: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "img_size", tuple(self.img_size))
@@ -269,6 +274,8 @@ def _child_peak_rss(payload: str) -> float:
     cfg = BenchmarkConfig(**{**data["config"], "compile": False})
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    if cfg.tuned_allocator:
+        tune_cpu_allocator()
     model = build_model(data["impl"].removesuffix("-compile"), cfg)
     step = make_step(data["mode"], model, cfg)
     with open("/proc/self/clear_refs", "w") as f:  # resets the peak RSS (VmHWM) to the current RSS
@@ -306,11 +313,13 @@ def run_benchmark(cfg: BenchmarkConfig, *, log: Callable[[str], None] = lambda s
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    if cfg.tuned_allocator and not tune_cpu_allocator():
+        raise ValueError("--tuned-allocator needs glibc's malloc (Linux); this platform has another allocator")
     impls = ["ours", *cfg.vs]
     load_before = os.getloadavg()
     peak = matmul_peak_flops(cfg.device, n=cfg.matmul_size)
     log(f"matmul peak {peak / 1e9:.1f} GFLOP/s ({cfg.device}, fp32, {cfg.matmul_size}^3), threads "
-        f"{torch.get_num_threads()}, load {_load(load_before)}")
+        f"{torch.get_num_threads()}, load {_load(load_before)}, allocator {_allocator()}")
     with torch.device("meta"):
         counting = create_model(cfg.model)
     counting.set_fast_path(False)  # the paper's MAC count, not the fast path's masked extra products
@@ -365,8 +374,12 @@ def _environment(cfg: BenchmarkConfig, peak: float, load_before, load_after) -> 
         "matmul_peak_gflops": round(peak / 1e9, 1), "device": cfg.device, "threads": torch.get_num_threads(),
         "amp": cfg.amp, "channels_last": cfg.channels_last, "compile": cfg.compile, "repeats": cfg.repeats,
         "load_before": _load(load_before), "load_after": _load(load_after), "torch": torch.__version__,
-        "timm": timm_version, "cpu": _cpu_name(cfg.device),
+        "timm": timm_version, "cpu": _cpu_name(cfg.device), "allocator": _allocator(),
     }
+
+
+def _allocator() -> str:
+    return "tuned" if allocator_tuned() else "default"
 
 
 def _load(load: Sequence[float]) -> str:

@@ -583,6 +583,9 @@ def _add_benchmark(sub):
     p.add_argument("--warmup", type=int, default=1, help="untimed steps first (torch.compile compiles here)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    p.add_argument("--tuned-allocator", action="store_true",
+                   help="keep freed memory for reuse (coatvit.runtime.tune_cpu_allocator, as the other commands do; "
+                        "process-wide, so the baselines get it too); default: the allocator as Python has it")
     p.add_argument("--matmul-size", type=int, default=2048, help="n of the n^3 matmul that measures the peak")
     p.add_argument("--csv", default=None, help="append the rows to this CSV (timm's benchmark column names)")
     add_format(p)
@@ -604,7 +607,7 @@ def run_benchmark(args) -> int:
         model=args.model, batch_size=args.batch_size, img_size=img_size, device=args.device, amp=args.amp,
         channels_last=args.channels_last, compile=args.compile, vs=tuple(args.vs), modes=tuple(args.modes),
         repeats=args.repeats, steps=args.steps, warmup=args.warmup, threads=args.threads,
-        peak_memory=not args.no_memory, matmul_size=args.matmul_size)
+        peak_memory=not args.no_memory, matmul_size=args.matmul_size, tuned_allocator=args.tuned_allocator)
     log = (lambda s: None) if args.format == "json" else (lambda s: print(s, flush=True))
     rows = run_benchmark(cfg, log=log)
     if args.csv:
@@ -629,6 +632,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Commands that run models call coatvit.runtime.tune_cpu_allocator() first (COATVIT_TUNE_ALLOCATOR=0 opts out);
+# `benchmark` decides for itself (--tuned-allocator), `list` and `info` run no model.
+TUNED_ALLOCATOR_COMMANDS = ("train", "eval", "predict", "export", "detect", "segment")
+
+
 def main(argv: list[str] | None = None) -> int:
     from .errors import CoaTError
 
@@ -639,6 +647,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     debug = args.debug or "--debug" in argv
+    if args._command in TUNED_ALLOCATOR_COMMANDS:
+        from .runtime import tune_cpu_allocator_from_env
+
+        tune_cpu_allocator_from_env()
     try:
         return COMMANDS[args._command][1](args) or 0
     except (CoaTError, UsageError, ValueError, FileNotFoundError, PermissionError) as e:

@@ -14,9 +14,9 @@ Two paths compute the same function. The reference path (`model.set_fast_path(Fa
 operations one by one and is bit-identical to them. The fast path (the default) computes the same equations
 with less memory traffic, which is what CoaT's time goes to on a CPU: the image tokens (B, H*W, C) are read as
 channels-last maps (B, H, W, C) by the convolutions and resizes instead of being transposed to NCHW and back;
-q, k and v stay views of the qkv projection; the three CRPE convolutions run as one depthwise conv; and in
-single-threaded CPU inference each block runs a few images, its MLP a few hundred tokens, at a time so that the
-activations stay in cache. Its float summation order differs, so its outputs match the reference to about 1e-6,
+q, k and v stay views of the qkv projection (per-head products only where heads are wide); the three CRPE
+convolutions run as one depthwise conv; and in CPU inference each serial block runs a few images, each MLP a few
+hundred tokens, at a time so that the activations stay in cache. Its float summation order differs, so its outputs match the reference to about 1e-6,
 not bit for bit (tests/test_fast_path.py). On the meta device (MAC counting) the reference path runs.
 """
 
@@ -182,20 +182,33 @@ class FactorAttnConvRelPosEnc(nn.Module):
         return self.proj(out)
 
     def forward_fast(self, x: torch.Tensor, size: Size, crpe: ConvRelPosEnc | None) -> torch.Tensor:
-        """The same equations with q, k, v kept as (B, N, C) views of the projection (no head permutes).
+        """The same equations with q, k, v kept as (B, N, C) views of the projection.
 
-        The per-head products become one (C x C) product per image whose off-diagonal head blocks are masked to
-        zero: 8x the MACs of this small term, but plain GEMMs over the token layout instead of three copies.
+        Wide heads take per-head products (head permutes of q, k, v and the output, 1/h of the MACs). Narrow heads
+        (8 and 16 channels: the Lite models' first two stages) take one (C x C) product per image whose
+        off-diagonal head blocks are masked to zero: h times the MACs of this small term, but plain GEMMs over the
+        token layout without permutes, which is faster there (benchmarks/attention_products.py).
         """
         B, N, C = x.shape
+        h = self.num_heads
         q, k, v = self.qkv(x).unflatten(-1, (3, C)).unbind(2)  # (B, N, C) views, heads side by side
-        context = k.softmax(dim=1).transpose(1, 2) @ v  # (B, C, C); softmax over all N tokens per channel
-        # block-diagonal (head i only sees head i), with the 1/sqrt(Ch) scale of the factorized term folded in
-        context = context * self.head_mask(C, x)  # (B, C, C)
-        out = q @ context  # (B, N, C)
+        k = k.softmax(dim=1)  # (B, N, C); softmax over all N tokens per channel
+        if C // h >= self.per_head_min_channels:
+            split = (B, N, h, C // h)
+            # (B, h, Ch, N) @ (B, h, N, Ch) -> (B, h, Ch, Ch), the 1/sqrt(Ch) scale of the factorized term folded in
+            context = (k.view(split).permute(0, 2, 3, 1) @ v.reshape(split).transpose(1, 2)) * self.scale
+            out = (q.reshape(split).transpose(1, 2) @ context).transpose(1, 2).reshape(B, N, C)  # (B, N, C)
+        else:
+            context = k.transpose(1, 2) @ v  # (B, C, C)
+            # block-diagonal (head i only sees head i), with the scale folded in
+            out = q @ (context * self.head_mask(C, x))  # (B, N, C)
         if crpe is not None:
             out = crpe.add_to(out, q, v, size)
         return self.proj(out)
+
+    # head width from which per-head products beat the masked (C x C) product, attention module alone, 2-core
+    # CPU: 0.83x at 8 channels, 0.86x at 16, 1.00-1.10x at 19 (CoaT), 1.26x at 40, 1.56x at 64 (BENCHMARKS.md)
+    per_head_min_channels = 18
 
     def head_mask(self, dim: int, like: torch.Tensor) -> torch.Tensor:
         """(C, C): `scale` inside the diagonal head blocks, 0 elsewhere."""

@@ -1,0 +1,67 @@
+"""Process-wide CPU allocator setting that speeds up PyTorch CPU work, ours and any other model's.
+
+PyTorch's CPU tensors come from the C library's `malloc`. With glibc's defaults, every block above a dynamic
+threshold (128 KiB at start, raised to at most 32 MiB as blocks are freed) is a fresh `mmap`, and freed memory at
+the top of the heap goes back to the OS; the next tensor of that size then pays a page fault per 4 KiB page while
+it is first written. A CoaT-Lite Tiny forward pass at batch 16 allocates a few hundred MiB of such blocks:
+timm's port takes about 300,000 page faults per coat_tiny forward pass at batch 16 and ours 30,000 (the fast
+path writes much less fresh memory), which is a large part of the CPU time of both.
+
+`tune_cpu_allocator()` raises glibc's mmap and trim thresholds to 1 GiB with `mallopt`, so freed blocks are reused
+instead of unmapped: page faults drop to about zero after the first step. The cost is that memory freed by the
+process stays with it (the resident size stays at its high-water mark), as with any caching allocator. The
+`coatvit` commands that train or run models call it at start-up unless `COATVIT_TUNE_ALLOCATOR=0`;
+`coatvit benchmark` leaves the allocator alone unless `--tuned-allocator` is given (it is process-wide, so timm's
+model measured in the same run gets the same benefit). Measured effect: BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import platform
+import sys
+
+# glibc's mallopt parameter numbers (malloc.h)
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+
+_THRESHOLD = 1 << 30  # 1 GiB: blocks above it are still mmap'ed and returned to the OS on free
+
+_tuned = False
+
+
+def allocator_tunable() -> bool:
+    """Whether this process's allocator is glibc's (Linux), the one `tune_cpu_allocator` knows how to set."""
+    return sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+
+
+def tune_cpu_allocator() -> bool:
+    """Keep freed CPU memory in the process for reuse; returns whether the setting is in effect.
+
+    Idempotent and process-wide. A no-op returning False on platforms without glibc (macOS, Windows, musl).
+    """
+    global _tuned
+    if _tuned:
+        return True
+    if not allocator_tunable():
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    # mallopt returns 1 on success; the mmap threshold also turns off glibc's dynamic adjustment of it
+    _tuned = bool(libc.mallopt(_M_MMAP_THRESHOLD, _THRESHOLD)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, _THRESHOLD))
+    return _tuned
+
+
+def allocator_tuned() -> bool:
+    """Whether `tune_cpu_allocator` has taken effect in this process."""
+    return _tuned
+
+
+def tune_cpu_allocator_from_env() -> bool:
+    """What the `coatvit` commands call at start-up: tune unless COATVIT_TUNE_ALLOCATOR is 0/false/no/off."""
+    if os.environ.get("COATVIT_TUNE_ALLOCATOR", "1").strip().lower() in ("0", "false", "no", "off"):
+        return False
+    return tune_cpu_allocator()
