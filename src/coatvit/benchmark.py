@@ -40,7 +40,8 @@ CSV_COLUMNS = (
     "latency_spread", "train_samples_per_sec", "train_step_time", "train_batch_size", "train_img_size",
     "train_speedup", "train_spread", "infer_peak_mem_mb", "train_peak_mem_mb", "mac_fraction_of_matmul_peak",
     "matmul_peak_gflops", "device", "threads", "amp", "channels_last", "compile", "repeats", "load_before",
-    "load_after", "torch", "timm", "cpu", "allocator",
+    "load_after", "torch", "timm", "cpu", "allocator", "infer_page_faults", "latency_page_faults",
+    "train_page_faults",
 )
 
 
@@ -204,9 +205,14 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_interleaved(steps: dict[str, Callable[[], None]], cfg: BenchmarkConfig) -> dict[str, list[float]]:
+def time_interleaved(steps: dict[str, Callable[[], None]], cfg: BenchmarkConfig,
+                     faults: dict[str, list[float]] | None = None) -> dict[str, list[float]]:
     """Seconds per step of each contender, one sample per repeat; within a repeat the contenders run back to
-    back, in an order that alternates between repeats so that neither always runs first."""
+    back, in an order that alternates between repeats so that neither always runs first.
+
+    With `faults`, also the process's minor page faults per step (first writes to freshly mapped memory),
+    one sample per repeat and contender, where the platform counts them (Unix).
+    """
     names = list(steps)
     for name in names:
         for _ in range(cfg.warmup):
@@ -216,12 +222,23 @@ def time_interleaved(steps: dict[str, Callable[[], None]], cfg: BenchmarkConfig)
     for r in range(cfg.repeats):
         for name in names if r % 2 == 0 else names[::-1]:
             _sync(cfg.device)
+            faults_before = _minor_faults()
             start = time.perf_counter()
             for _ in range(cfg.steps):
                 steps[name]()
             _sync(cfg.device)
             samples[name].append((time.perf_counter() - start) / cfg.steps)
+            if faults is not None and faults_before is not None:
+                faults.setdefault(name, []).append((_minor_faults() - faults_before) / cfg.steps)
     return samples
+
+
+def _minor_faults() -> int | None:
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def matmul_peak_flops(device: str, *, n: int = 2048, repeats: int = 5, dtype: torch.dtype = torch.float32) -> float:
@@ -331,7 +348,8 @@ def run_benchmark(cfg: BenchmarkConfig, *, log: Callable[[str], None] = lambda s
     for mode in cfg.modes:
         models = {impl: build_model(impl, cfg) for impl in impls}
         steps = {impl: make_step(mode, models[impl], cfg) for impl in impls}
-        samples = time_interleaved(steps, cfg)
+        faults: dict[str, list[float]] = {}
+        samples = time_interleaved(steps, cfg, faults)
         batch = 1 if mode == "latency" else cfg.batch_size
         ours = samples["ours"]
         for impl in impls:
@@ -346,8 +364,12 @@ def run_benchmark(cfg: BenchmarkConfig, *, log: Callable[[str], None] = lambda s
                             f"{mode}_batch_size": batch, f"{mode}_img_size": _img(cfg.img_size),
                             f"{mode}_spread": spread})
             row[f"{mode}_speedup"] = round(ratio, 3)  # how many times faster ours is than this row (ours: 1)
+            page_faults = ""
+            if impl in faults:
+                row[f"{mode}_page_faults"] = round(statistics.median(faults[impl]))
+                page_faults = f"  {row[f'{mode}_page_faults']} page faults/step"
             log(f"{mode:<7} {impl:<13} {batch / t:9.2f} img/s  {t * 1e3:9.1f} ms/step  (spread {spread} ms)"
-                + ("" if impl == "ours" else f"  ours is {ratio:.2f}x faster"))
+                + page_faults + ("" if impl == "ours" else f"  ours is {ratio:.2f}x faster"))
         if mode == "infer":
             mac_rate = gmacs * 1e9 * cfg.batch_size / statistics.median(ours)
             for impl in impls:

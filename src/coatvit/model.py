@@ -104,8 +104,13 @@ class ConvPosEnc(nn.Module):
         H, W = size
         cls_token, img = x[:, :1], x[:, 1:]  # (B, 1, C), (B, H*W, C)
         if use_fast(self, x):
-            img = img + as_tokens(self.proj(as_channels_last(img, size)))  # (B, H*W, C)
-            return torch.cat((cls_token, img), dim=1)  # (B, N, C)
+            pos = as_tokens(self.proj(as_channels_last(img, size)))  # (B, H*W, C)
+            if not torch.is_grad_enabled():  # inference: the sum goes straight into the output, no concatenation
+                out = torch.empty_like(x, memory_format=torch.contiguous_format)
+                out[:, :1] = cls_token
+                torch.add(img, pos, out=out[:, 1:])
+                return out
+            return torch.cat((cls_token, img + pos), dim=1)  # (B, N, C)
         feat = img.transpose(1, 2).reshape(B, C, H, W)  # (B, C, H, W)
         img = (self.proj(feat) + feat).flatten(2).transpose(1, 2)  # (B, H*W, C)
         return torch.cat((cls_token, img), dim=1)  # (B, N, C)
@@ -136,14 +141,15 @@ class ConvRelPosEnc(nn.Module):
         """Fast path: out[:, 1:] += Q_img * DWConv(V_img), all in the token layout (B, N, h*Ch).
 
         `q` and `v` are token-layout views (B, N, C) of the qkv projection, heads side by side in the channels
-        (the same channel order as the reference's (B, h*Ch, H, W)).
+        (the same channel order as the reference's (B, h*Ch, H, W)). `out` must be a tensor the caller owns (the
+        attention's own fresh product): the sum is written into it, one fused multiply-add without temporaries.
         """
         weight, bias = self.merged_kernel()
         v_img = as_channels_last(v[:, 1:], size)  # (B, C, H, W), channels-last view of the qkv output
         v_img = F.conv2d(v_img.contiguous(memory_format=torch.channels_last), weight, bias,
                          padding=self.max_window // 2, groups=v_img.shape[1])
-        crpe = q[:, 1:] * as_tokens(v_img)  # (B, H*W, C)
-        return torch.cat((out[:, :1], out[:, 1:] + crpe), dim=1)  # (B, N, C); the class-token row gets nothing
+        out[:, 1:].addcmul_(q[:, 1:], as_tokens(v_img))  # (B, H*W, C); the class-token row gets nothing
+        return out
 
     def forward(self, q: torch.Tensor, v: torch.Tensor, size: Size) -> torch.Tensor:
         B, h, N, Ch = q.shape
