@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs coatvit into .venv, trains coat_lite_tiny on the built-in dataset (no download), then predicts with the
 # result on a few held-out built-in images. EPOCHS=N changes the length of the run (default 6 epochs of 100 steps,
-# about 4 minutes on 2 CPU cores); THREADS=1 helps on a machine shared with other jobs (default: torch's choice).
+# about 3.5 minutes on 2 CPU cores); THREADS=1 helps on a machine shared with other jobs (default: torch's choice).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}

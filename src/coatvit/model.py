@@ -213,7 +213,8 @@ class FactorAttnConvRelPosEnc(nn.Module):
         return self.proj(out)
 
     # head width from which per-head products beat the masked (C x C) product, attention module alone, 2-core
-    # CPU: 0.83x at 8 channels, 0.86x at 16, 1.00-1.10x at 19 (CoaT), 1.26x at 40, 1.56x at 64 (BENCHMARKS.md)
+    # CPU, two runs: 0.80-0.83x at 8 channels, 0.86-1.07x at 16, 1.00-1.30x at 19 (CoaT), 1.26-1.30x at 40,
+    # 1.55x at 64 (BENCHMARKS.md)
     per_head_min_channels = 18
 
     def head_mask(self, dim: int, like: torch.Tensor) -> torch.Tensor:

@@ -3,12 +3,12 @@
 PyTorch's CPU tensors come from the C library's `malloc`. With glibc's defaults, every block above a dynamic
 threshold (128 KiB at start, raised to at most 32 MiB as blocks are freed) is a fresh `mmap`, and freed memory at
 the top of the heap goes back to the OS; the next tensor of that size then pays a page fault per 4 KiB page while
-it is first written. A CoaT-Lite Tiny forward pass at batch 16 allocates a few hundred MiB of such blocks:
-timm's port takes about 300,000 page faults per coat_tiny forward pass at batch 16 and ours 30,000 (the fast
-path writes much less fresh memory), which is a large part of the CPU time of both.
+it is first written. timm's CoaT port takes about 200,000 such faults per forward pass at batch 16 (coat_lite_tiny
+219,000, coat_tiny 194,000: about 800 MiB of fresh pages) and a third of its CPU time with them; our fast path,
+working in cache-sized chunks, takes none at inference, but about 340,000 per training step, as timm does.
 
 `tune_cpu_allocator()` raises glibc's mmap and trim thresholds to 1 GiB with `mallopt`, so freed blocks are reused
-instead of unmapped: page faults drop to about zero after the first step. The cost is that memory freed by the
+instead of unmapped: in `coatvit benchmark` the page faults per step drop to zero for both implementations. The cost is that memory freed by the
 process stays with it (the resident size stays at its high-water mark), as with any caching allocator. The
 `coatvit` commands that train or run models call it at start-up unless `COATVIT_TUNE_ALLOCATOR=0`;
 `coatvit benchmark` leaves the allocator alone unless `--tuned-allocator` is given (it is process-wide, so timm's
