@@ -62,7 +62,10 @@ def main() -> None:
 
     import torch
 
+    from coatvit.runtime import tune_cpu_allocator
     from coatvit.train import TrainConfig, read_csv, train
+
+    tune_cpu_allocator()  # as `coatvit train` does
 
     tmp = tempfile.TemporaryDirectory(prefix="cifar10-")
     root = Path(tmp.name)
