@@ -102,8 +102,10 @@ def test_fast_path_with_autograd_in_eval_mode():
     assert _max_diff(out_fast, out_ref) < 1e-5
 
 
+@pytest.mark.parametrize("merge_under_autograd", [False, True], ids=["per-window-crpe", "merged-crpe"])
 @pytest.mark.parametrize("name", ["coat_test", "coat_lite_tiny", "coat_tiny"])
-def test_fast_equals_reference_train_mode_and_gradients(name):
+def test_fast_equals_reference_train_mode_and_gradients(monkeypatch, name, merge_under_autograd):
+    monkeypatch.setattr(model_module.ConvRelPosEnc, "merge_under_autograd", merge_under_autograd)
     model = _model(name, drop_path_rate=0.2).train()
     x = torch.randn(3, 3, 40, 72)
     target = torch.randint(0, model.num_classes, (3,))

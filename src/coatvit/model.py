@@ -14,10 +14,12 @@ Two paths compute the same function. The reference path (`model.set_fast_path(Fa
 operations one by one and is bit-identical to them. The fast path (the default) computes the same equations
 with less memory traffic, which is what CoaT's time goes to on a CPU: the image tokens (B, H*W, C) are read as
 channels-last maps (B, H, W, C) by the convolutions and resizes instead of being transposed to NCHW and back;
-q, k and v stay views of the qkv projection (per-head products only where heads are wide); the three CRPE
-convolutions run as one depthwise conv; and in CPU inference each serial block runs a few images, each MLP a few
-hundred tokens, at a time so that the activations stay in cache. Its float summation order differs, so its outputs match the reference to about 1e-6,
-not bit for bit (tests/test_fast_path.py). On the meta device (MAC counting) the reference path runs.
+q, k and v stay views of the qkv projection (per-head products only where heads are wide); in inference the
+three CRPE convolutions run as one depthwise conv; and in CPU inference each serial block runs a few images, each
+MLP a few hundred tokens, at a time so that the activations stay in cache. Its float summation order differs, so
+its outputs match the reference to about 1e-6, not bit for bit (tests/test_fast_path.py). On the meta device (MAC
+counting) the reference path runs. Measured, on a CPU the fast path's lead over timm's port comes mostly from
+writing less freshly mapped memory (BENCHMARKS.md, "Where the CPU lead comes from").
 """
 
 from __future__ import annotations
@@ -137,6 +139,11 @@ class ConvRelPosEnc(nn.Module):
             weights.append(F.pad(conv.weight, (pad, pad, pad, pad)))  # (c, 1, K, K)
         return torch.cat(weights), torch.cat([conv.bias for conv in self.conv_list])
 
+    # Inference runs the merged kernel; under autograd the per-window convs are faster or equal, their backward
+    # being cheaper than the padded 7x7 one's (training step 1.05x coat_lite_tiny, 1.01x coat_lite_small, 1.00x
+    # coat_tiny: benchmarks/crpe_kernels.py, BENCHMARKS.md).
+    merge_under_autograd = False
+
     def add_to(self, out: torch.Tensor, q: torch.Tensor, v: torch.Tensor, size: Size) -> torch.Tensor:
         """Fast path: out[:, 1:] += Q_img * DWConv(V_img), all in the token layout (B, N, h*Ch).
 
@@ -144,10 +151,15 @@ class ConvRelPosEnc(nn.Module):
         (the same channel order as the reference's (B, h*Ch, H, W)). `out` must be a tensor the caller owns (the
         attention's own fresh product): the sum is written into it, one fused multiply-add without temporaries.
         """
-        weight, bias = self.merged_kernel()
         v_img = as_channels_last(v[:, 1:], size)  # (B, C, H, W), channels-last view of the qkv output
-        v_img = F.conv2d(v_img.contiguous(memory_format=torch.channels_last), weight, bias,
-                         padding=self.max_window // 2, groups=v_img.shape[1])
+        if torch.is_grad_enabled() and not self.merge_under_autograd:
+            parts = torch.split(v_img, self.channel_splits, dim=1)
+            v_img = torch.cat([conv(part.contiguous(memory_format=torch.channels_last))
+                               for conv, part in zip(self.conv_list, parts)], dim=1)
+        else:
+            weight, bias = self.merged_kernel()
+            v_img = F.conv2d(v_img.contiguous(memory_format=torch.channels_last), weight, bias,
+                             padding=self.max_window // 2, groups=v_img.shape[1])
         out[:, 1:].addcmul_(q[:, 1:], as_tokens(v_img))  # (B, H*W, C); the class-token row gets nothing
         return out
 
