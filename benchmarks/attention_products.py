@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
 
 import coatvit
+from coatvit.benchmark import BenchmarkConfig, time_interleaved
 from coatvit.model import FactorAttnConvRelPosEnc
 from coatvit.runtime import tune_cpu_allocator
 
@@ -26,19 +26,15 @@ SHAPES = [(16, 3137, 64, 8), (16, 785, 128, 8), (16, 197, 320, 8), (16, 50, 512,
           (4, 3137, 152, 8), (16, 785, 152, 8), (16, 197, 152, 8)]
 
 
-def timed(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def interleaved(steps: dict, repeats: int) -> dict:
+    """Median seconds per call of each step, one warm-up call each, interleaved repeats (the project's timer)."""
+    cfg = BenchmarkConfig(repeats=repeats, steps=1, warmup=1)
+    return {name: statistics.median(t) for name, t in time_interleaved(steps, cfg).items()}
 
 
 def attention_only(B: int, N: int, C: int, heads: int, repeats: int) -> tuple[float, float]:
     attn = FactorAttnConvRelPosEnc(C, heads).eval()
     x = torch.randn(B, N, C)
-    results = {}
 
     def run(per_head: bool):
         attn.per_head_min_channels = 1 if per_head else 10**9
@@ -46,32 +42,25 @@ def attention_only(B: int, N: int, C: int, heads: int, repeats: int) -> tuple[fl
 
     with torch.inference_mode():
         assert torch.allclose(run(True), run(False), atol=1e-5)
-        for per_head in (True, False):
-            run(per_head)
-        times = {True: [], False: []}
-        for _ in range(repeats):
-            for per_head in (True, False):
-                times[per_head].append(timed(lambda: run(per_head), 1))
-        for per_head in (True, False):
-            results[per_head] = statistics.median(times[per_head])
-    return results[True], results[False]
+        t = interleaved({True: lambda: run(True), False: lambda: run(False)}, repeats)
+    return t[True], t[False]
 
 
 def whole_model(name: str, batch: int, size: int, repeats: int) -> tuple[float, float]:
     model = coatvit.create_model(name).eval()
     x = torch.randn(batch, 3, size, size)
     shipped = FactorAttnConvRelPosEnc.per_head_min_channels
-    times = {shipped: [], 10**9: []}
-    with torch.inference_mode():
-        for threshold in times:
-            FactorAttnConvRelPosEnc.per_head_min_channels = threshold
-            model(x)
-        for _ in range(repeats):
-            for threshold in times:
-                FactorAttnConvRelPosEnc.per_head_min_channels = threshold
-                times[threshold].append(timed(lambda: model(x), 1))
-    FactorAttnConvRelPosEnc.per_head_min_channels = shipped
-    return statistics.median(times[shipped]), statistics.median(times[10**9])
+
+    def run(threshold: int):
+        FactorAttnConvRelPosEnc.per_head_min_channels = threshold
+        model(x)
+
+    try:
+        with torch.inference_mode():
+            t = interleaved({"shipped": lambda: run(shipped), "masked": lambda: run(10**9)}, repeats)
+    finally:
+        FactorAttnConvRelPosEnc.per_head_min_channels = shipped
+    return t["shipped"], t["masked"]
 
 
 def main() -> None:

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 
 import coatvit
+from coatvit.benchmark import BenchmarkConfig, time_interleaved
 from coatvit.model import ConvRelPosEnc
 
 
@@ -33,17 +33,15 @@ def train_steps(name: str, batch: int, size: int, repeats: int) -> dict[bool, fl
         loss.backward()
         optimizer.step()
 
-    times: dict[bool, list[float]] = {False: [], True: []}
-    for merged in times:
+    def run(merged: bool):
         ConvRelPosEnc.merge_under_autograd = merged
         step()
-    for _ in range(repeats):
-        for merged in times:
-            ConvRelPosEnc.merge_under_autograd = merged
-            start = time.perf_counter()
-            step()
-            times[merged].append(time.perf_counter() - start)
-    ConvRelPosEnc.merge_under_autograd = False
+
+    try:
+        times = time_interleaved({False: lambda: run(False), True: lambda: run(True)},
+                                 BenchmarkConfig(repeats=repeats, steps=1, warmup=1))
+    finally:
+        ConvRelPosEnc.merge_under_autograd = False
     return {merged: statistics.median(t) for merged, t in times.items()}
 
 

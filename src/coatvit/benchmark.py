@@ -27,6 +27,11 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
+try:
+    import resource  # page-fault counts (Unix)
+except ImportError:  # Windows
+    resource = None
+
 from .runtime import allocator_tuned, tune_cpu_allocator
 
 BASELINES = ("timm", "timm-compile", "reference", "ours-compile", "ours-ckpt")
@@ -234,9 +239,7 @@ def time_interleaved(steps: dict[str, Callable[[], None]], cfg: BenchmarkConfig,
 
 
 def _minor_faults() -> int | None:
-    try:
-        import resource
-    except ImportError:  # Windows
+    if resource is None:
         return None
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 

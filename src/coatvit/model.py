@@ -130,6 +130,14 @@ class ConvRelPosEnc(nn.Module):
         self.channel_splits = [heads * head_dim for _, heads in windows]
         self.max_window = max(k for k, _ in windows)
 
+    def conv_per_window(self, v_img: torch.Tensor,
+                        memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
+        """DWConv(V_img) of a (B, h*Ch, H, W) map: each window's grouped conv over its run of heads, each input
+        part in `memory_format` (a no-op for the parts of a contiguous NCHW map)."""
+        parts = torch.split(v_img, self.channel_splits, dim=1)
+        return torch.cat([conv(part.contiguous(memory_format=memory_format))
+                          for conv, part in zip(self.conv_list, parts)], dim=1)
+
     def merged_kernel(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The per-window kernels zero-padded to the largest window and stacked: one depthwise conv, same result
         up to float summation order (the added taps multiply zeros)."""
@@ -153,9 +161,7 @@ class ConvRelPosEnc(nn.Module):
         """
         v_img = as_channels_last(v[:, 1:], size)  # (B, C, H, W), channels-last view of the qkv output
         if torch.is_grad_enabled() and not self.merge_under_autograd:
-            parts = torch.split(v_img, self.channel_splits, dim=1)
-            v_img = torch.cat([conv(part.contiguous(memory_format=torch.channels_last))
-                               for conv, part in zip(self.conv_list, parts)], dim=1)
+            v_img = self.conv_per_window(v_img, torch.channels_last)
         else:
             weight, bias = self.merged_kernel()
             v_img = F.conv2d(v_img.contiguous(memory_format=torch.channels_last), weight, bias,
@@ -168,9 +174,7 @@ class ConvRelPosEnc(nn.Module):
         H, W = size
         q_img, v_img = q[:, :, 1:], v[:, :, 1:]  # (B, h, H*W, Ch)
         v_img = v_img.transpose(-1, -2).reshape(B, h * Ch, H, W)  # (B, h*Ch, H, W), each head contiguous
-        parts = torch.split(v_img, self.channel_splits, dim=1)
-        v_img = torch.cat([conv(part) for conv, part in zip(self.conv_list, parts)], dim=1)
-        v_img = v_img.reshape(B, h, Ch, H * W).transpose(-1, -2)  # (B, h, H*W, Ch)
+        v_img = self.conv_per_window(v_img).reshape(B, h, Ch, H * W).transpose(-1, -2)  # (B, h, H*W, Ch)
         return F.pad(q_img * v_img, (0, 0, 1, 0))  # (B, h, N, Ch); the class-token row is zero
 
 
