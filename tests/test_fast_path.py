@@ -190,3 +190,24 @@ def test_merged_crpe_kernel_matches_the_three_convs():
     ref = torch.cat([c(p) for c, p in zip(crpe.conv_list, torch.split(v, crpe.channel_splits, 1))], 1)
     merged = torch.nn.functional.conv2d(v, weight, bias, padding=3, groups=32)
     assert (merged - ref).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("name", ["coat_lite_tiny", "coat_tiny"])
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_fast_path_traces_as_one_graph_for_torch_compile(name, mode):
+    # Dynamo traces the whole model (serial blocks; parallel blocks for coat_tiny) without a graph break, in
+    # inference mode and under autograd, and the traced graph computes the eager logits.
+    import torch._dynamo
+
+    model = _model(name, num_classes=10)
+    getattr(model, mode)()
+    x = torch.randn(2, 3, *SIZE)
+    torch._dynamo.reset()
+    with torch.inference_mode() if mode == "eval" else torch.enable_grad():
+        explained = torch._dynamo.explain(model)(x)
+        assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
+        assert explained.graph_count == 1
+        if mode == "eval":
+            compiled = torch.compile(model, backend="eager", fullgraph=True)
+            torch.testing.assert_close(compiled(x), model(x), rtol=0, atol=1e-6)
+    torch._dynamo.reset()

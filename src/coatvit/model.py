@@ -107,7 +107,9 @@ class ConvPosEnc(nn.Module):
         cls_token, img = x[:, :1], x[:, 1:]  # (B, 1, C), (B, H*W, C)
         if use_fast(self, x):
             pos = as_tokens(self.proj(as_channels_last(img, size)))  # (B, H*W, C)
-            if not torch.is_grad_enabled():  # inference: the sum goes straight into the output, no concatenation
+            if not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+                # eager inference: the sum goes straight into the output, no concatenation (Dynamo cannot trace
+                # a strided out=; compiled, inductor fuses the concatenation itself)
                 out = torch.empty_like(x, memory_format=torch.contiguous_format)
                 out[:, :1] = cls_token
                 torch.add(img, pos, out=out[:, 1:])
