@@ -211,3 +211,21 @@ def test_fast_path_traces_as_one_graph_for_torch_compile(name, mode):
             compiled = torch.compile(model, backend="eager", fullgraph=True)
             torch.testing.assert_close(compiled(x), model(x), rtol=0, atol=1e-6)
     torch._dynamo.reset()
+
+
+def test_fast_path_compiles_once_for_every_input_size():
+    # dynamic=True: one graph serves odd, non-square and transposed sizes (no recompile), same logits as eager.
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    model = _model("coat_test").eval()  # serial and parallel blocks (the resizes), traced in seconds
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(model, backend="eager", dynamic=True, fullgraph=True)
+    with torch.inference_mode():
+        for size in [SIZE, SIZE[::-1], (96, 96)]:
+            x = torch.randn(2, 3, *size)
+            torch.testing.assert_close(compiled(x), model(x), rtol=0, atol=1e-6)
+    assert counters["stats"]["unique_graphs"] == 1
+    assert not counters["recompiles"]
+    torch._dynamo.reset()
