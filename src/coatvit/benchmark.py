@@ -34,7 +34,7 @@ except ImportError:  # Windows
 
 from .runtime import allocator_tuned, tune_cpu_allocator
 
-BASELINES = ("timm", "timm-compile", "reference", "ours-compile", "ours-ckpt")
+BASELINES = ("timm", "timm-compile", "reference", "ours-compile", "ours-ckpt", "ours-triton")
 MODES = ("infer", "latency", "train")
 AMP_DTYPES = {"none": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -64,7 +64,8 @@ class BenchmarkConfig:
         compile: torch.compile our model (baselines keep their own setting: `timm-compile` compiles timm's).
         vs: baselines measured against ours, each interleaved with it: 'timm', 'timm-compile', 'reference'
             (our reference path), 'ours-compile', 'ours-ckpt' (ours with gradient checkpointing: the training
-            speed and peak memory it trades).
+            speed and peak memory it trades), 'ours-triton' (ours with the Triton attention kernels of
+            `coatvit.kernels`: CUDA, inference and latency only).
         modes: which of 'infer', 'latency', 'train' to run.
         repeats: interleaved repeats; the median and the spread (min-max) are reported.
         steps: timed steps per repeat (their mean is one sample).
@@ -102,6 +103,17 @@ class BenchmarkConfig:
         bad = [v for v in self.vs if v not in BASELINES]
         if bad:
             raise ValueError(f"unknown baseline(s) {bad}; expected any of {list(BASELINES)}")
+        if "ours-triton" in self.vs:
+            from . import kernels
+
+            if not kernels.available():
+                raise ValueError("--vs ours-triton needs triton installed (it comes with CUDA builds of torch)")
+            if not (self.device.startswith("cuda") or kernels.interpreting()):
+                raise ValueError(f"--vs ours-triton runs Triton kernels on a GPU; got --device {self.device}, "
+                                 "use --device cuda")
+            if "train" in self.modes:
+                raise ValueError("--vs ours-triton has no training kernels (inference only); "
+                                 "use --modes infer latency")
         bad = [m for m in self.modes if m not in MODES]
         if bad or not self.modes:
             raise ValueError(f"modes must be a non-empty subset of {list(MODES)}, got {list(self.modes)}")
@@ -122,7 +134,7 @@ def build_model(impl: str, cfg: BenchmarkConfig) -> nn.Module:
     reference path), 'timm', or a '-compile' variant."""
     base = impl.removesuffix("-compile")
     torch.manual_seed(cfg.seed)
-    if base in ("ours", "ours-ckpt", "reference"):
+    if base in ("ours", "ours-ckpt", "ours-triton", "reference"):
         from .registry import create_model
 
         model = create_model(cfg.model)
@@ -160,6 +172,23 @@ def _timm_model(name: str, config, img_size: tuple[int, int]) -> nn.Module:
 
 # ----------------------------------------------------------------------------------------------------------------
 # one step of each measure
+
+
+def contender_step(impl: str, mode: str, model: nn.Module, cfg: BenchmarkConfig) -> Callable[[], None]:
+    """`make_step` for one contender; 'ours-triton' runs its steps with `coatvit.kernels` enabled."""
+    step = make_step(mode, model, cfg)
+    if impl != "ours-triton":
+        return step
+    from . import kernels
+
+    def with_kernels():
+        kernels.set_enabled(True)
+        try:
+            step()
+        finally:
+            kernels.set_enabled(None)
+
+    return with_kernels
 
 
 def make_step(mode: str, model: nn.Module, cfg: BenchmarkConfig) -> Callable[[], None]:
@@ -272,7 +301,7 @@ def peak_memory_mb(impl: str, mode: str, cfg: BenchmarkConfig) -> float:
     """
     if cfg.device.startswith("cuda"):
         model = build_model(impl, cfg)
-        step = make_step(mode, model, cfg)
+        step = contender_step(impl, mode, model, cfg)
         step()
         torch.cuda.synchronize()
         before = torch.cuda.memory_allocated()
@@ -297,7 +326,7 @@ def _child_peak_rss(payload: str) -> float:
     if cfg.tuned_allocator:
         tune_cpu_allocator()
     model = build_model(data["impl"].removesuffix("-compile"), cfg)
-    step = make_step(data["mode"], model, cfg)
+    step = contender_step(data["impl"], data["mode"], model, cfg)
     with open("/proc/self/clear_refs", "w") as f:  # resets the peak RSS (VmHWM) to the current RSS
         f.write("5")
     base = _proc_status_kib("VmRSS")
@@ -350,7 +379,7 @@ def run_benchmark(cfg: BenchmarkConfig, *, log: Callable[[str], None] = lambda s
                    "param_count": round(params / 1e6, 3)} for impl in impls}
     for mode in cfg.modes:
         models = {impl: build_model(impl, cfg) for impl in impls}
-        steps = {impl: make_step(mode, models[impl], cfg) for impl in impls}
+        steps = {impl: contender_step(impl, mode, models[impl], cfg) for impl in impls}
         faults: dict[str, list[float]] = {}
         samples = time_interleaved(steps, cfg, faults)
         batch = 1 if mode == "latency" else cfg.batch_size

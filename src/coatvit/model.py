@@ -19,7 +19,8 @@ three CRPE convolutions run as one depthwise conv; and in CPU inference each ser
 MLP a few hundred tokens, at a time so that the activations stay in cache. Its float summation order differs, so
 its outputs match the reference to about 1e-6, not bit for bit (tests/test_fast_path.py). On the meta device (MAC
 counting) the reference path runs. Measured, on a CPU the fast path's lead over timm's port comes mostly from
-writing less freshly mapped memory (BENCHMARKS.md, "Where the CPU lead comes from").
+writing less freshly mapped memory (BENCHMARKS.md, "Where the CPU lead comes from"). In GPU inference the
+attention can run as Triton kernels instead (opt-in, `coatvit.kernels`).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from . import kernels
 from .config import CoaTConfig
 
 Size = tuple[int, int]
@@ -161,6 +163,11 @@ class ConvRelPosEnc(nn.Module):
         (the same channel order as the reference's (B, h*Ch, H, W)). `out` must be a tensor the caller owns (the
         attention's own fresh product): the sum is written into it, one fused multiply-add without temporaries.
         """
+        out[:, 1:].addcmul_(q[:, 1:], self.conv_tokens(v, size))  # (B, H*W, C); the class-token row gets nothing
+        return out
+
+    def conv_tokens(self, v: torch.Tensor, size: Size) -> torch.Tensor:
+        """Fast path: DWConv(V_img) of a token-layout v (B, N, C), as tokens (B, H*W, C) (a channels-last view)."""
         v_img = as_channels_last(v[:, 1:], size)  # (B, C, H, W), channels-last view of the qkv output
         if torch.is_grad_enabled() and not self.merge_under_autograd:
             v_img = self.conv_per_window(v_img, torch.channels_last)
@@ -168,8 +175,7 @@ class ConvRelPosEnc(nn.Module):
             weight, bias = self.merged_kernel()
             v_img = F.conv2d(v_img.contiguous(memory_format=torch.channels_last), weight, bias,
                              padding=self.max_window // 2, groups=v_img.shape[1])
-        out[:, 1:].addcmul_(q[:, 1:], as_tokens(v_img))  # (B, H*W, C); the class-token row gets nothing
-        return out
+        return as_tokens(v_img)
 
     def forward(self, q: torch.Tensor, v: torch.Tensor, size: Size) -> torch.Tensor:
         B, h, N, Ch = q.shape
@@ -215,6 +221,10 @@ class FactorAttnConvRelPosEnc(nn.Module):
         """
         B, N, C = x.shape
         h = self.num_heads
+        if kernels.use_kernels(x):  # opt-in Triton kernels (GPU inference), coatvit/kernels.py
+            qkv = self.qkv(x)  # (B, N, 3C)
+            conv_v = None if crpe is None else crpe.conv_tokens(qkv[..., 2 * C:], size)
+            return self.proj(kernels.factor_attention(qkv, h, self.scale, conv_v))
         q, k, v = self.qkv(x).unflatten(-1, (3, C)).unbind(2)  # (B, N, C) views, heads side by side
         k = k.softmax(dim=1)  # (B, N, C); softmax over all N tokens per channel
         if C // h >= self.per_head_min_channels:

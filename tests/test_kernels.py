@@ -1,0 +1,149 @@
+"""The Triton attention kernels (coatvit.kernels) compute the fast path's attention. No GPU here: the kernels run
+under Triton's CPU interpreter (TRITON_INTERPRET=1, read when a kernel is defined, hence a fresh interpreter)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from csv import DictReader
+
+import pytest
+import torch
+
+from coatvit import kernels
+from coatvit.benchmark import BenchmarkConfig
+
+pytest.importorskip("triton")
+
+
+def _interpret(code: str) -> dict:
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    env.pop(kernels.ENV, None)
+    done = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=env,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_attention_kernels_match_the_eager_fast_path_in_the_interpreter():
+    # Head widths 8 and 16 (padded to 16 inside), 19 (CoaT, padded to 32), 40, 64; one head of 32; with and
+    # without CRPE; token counts that are not multiples of the kernel's 64-token blocks; fp16/bf16 inputs.
+    result = _interpret("""
+        import json, torch
+        from coatvit import kernels
+        from coatvit.model import ConvRelPosEnc, FactorAttnConvRelPosEnc
+        torch.manual_seed(0)
+        errors = {}
+        for B, H, W, C, h in [(2, 5, 7, 64, 8), (2, 9, 9, 128, 8), (2, 4, 6, 152, 8), (1, 3, 3, 320, 8),
+                              (1, 2, 3, 512, 8), (2, 9, 11, 32, 1)]:
+            attn = FactorAttnConvRelPosEnc(C, h).eval()
+            windows = [(3, 2), (5, 3), (7, 3)] if h == 8 else [(3, 1)]
+            crpe = ConvRelPosEnc(C // h, windows).eval()
+            x = torch.randn(B, 1 + H * W, C) * 2
+            with torch.inference_mode():
+                qkv = attn.qkv(x)
+                for use_crpe in (True, False):
+                    c = crpe if use_crpe else None
+                    ref = attn.forward_fast(x, (H, W), c)
+                    conv_v = c.conv_tokens(qkv[..., 2 * C:], (H, W)) if c else None
+                    out = attn.proj(kernels.factor_attention(qkv, h, attn.scale, conv_v))
+                    errors[f"{C}/{h}/{use_crpe}"] = (out - ref).abs().max().item()
+        qkv = torch.randn(2, 37, 3 * 64)
+        for dtype in (torch.float16, torch.bfloat16):
+            low = qkv.to(dtype)
+            out = kernels.factor_attention(low, 8, 0.35)
+            ref = kernels.factor_attention(low.float(), 8, 0.35)  # same rounded inputs, fp32 output
+            errors[str(dtype)] = [str(out.dtype), ((out.float() - ref).abs().max() / ref.abs().max()).item()]
+        print(json.dumps(errors))
+    """)
+    for key, err in result.items():
+        if key.startswith("torch."):
+            dtype, rel = err
+            assert dtype == key and rel < 1e-2, (key, err)  # only the output's rounding to 8-11 bits
+        else:
+            assert err < 1e-5, (key, err)
+
+
+def test_models_with_triton_kernels_match_the_default_path_in_the_interpreter():
+    # Whole models the way a user turns the kernels on: serial blocks, and parallel blocks with their resizes.
+    result = _interpret("""
+        import json, torch, coatvit
+        from coatvit import kernels
+        calls = []
+        original = kernels.factor_attention
+        kernels.factor_attention = lambda *a, **k: calls.append(1) or original(*a, **k)
+        errors = {}
+        for name in ("coat_lite_tiny", "coat_tiny"):
+            torch.manual_seed(0)
+            model = coatvit.create_model(name, num_classes=10).eval()
+            x = torch.randn(2, 3, 68, 100)
+            with torch.inference_mode():
+                ref = model(x)
+                kernels.set_enabled(True)
+                out = model(x)
+                kernels.set_enabled(None)
+            errors[name] = [(out - ref).abs().max().item(), len(calls)]
+            calls.clear()
+        print(json.dumps(errors))
+    """)
+    assert result["coat_lite_tiny"][0] < 1e-5 and result["coat_lite_tiny"][1] == 8  # 8 serial blocks
+    assert result["coat_tiny"][0] < 1e-5 and result["coat_tiny"][1] == 8 + 6 * 3  # + 6 parallel blocks x 3 scales
+
+
+def test_kernels_run_only_when_enabled_in_gpu_inference(monkeypatch):
+    monkeypatch.delenv(kernels.ENV, raising=False)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    x = torch.zeros(1)
+    assert not kernels.enabled()
+    monkeypatch.setenv(kernels.ENV, "1")
+    assert kernels.enabled()
+    kernels.set_enabled(False)
+    try:
+        assert not kernels.enabled()  # the setting wins over the environment
+    finally:
+        kernels.set_enabled(None)
+    with torch.no_grad():
+        assert not kernels.use_kernels(x)  # a CPU tensor outside the interpreter
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        assert kernels.use_kernels(x)
+    assert not kernels.use_kernels(x)  # under autograd: there is no backward kernel
+
+
+def test_the_default_cpu_forward_never_imports_triton():
+    code = ("import sys, torch, coatvit; m = coatvit.create_model('coat_test').eval(); m(torch.randn(1, 3, 64, 64)); "
+            "print('triton' in sys.modules)")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    env.pop(kernels.ENV, None)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "False"
+
+
+@pytest.mark.parametrize("kw, message", [
+    ({"device": "cpu", "modes": ("infer",)}, "use --device cuda"),
+    ({"device": "cuda", "modes": ("infer", "train")}, "inference only"),
+])
+def test_benchmark_refuses_triton_where_the_kernels_cannot_run(monkeypatch, kw, message):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match=message):
+        BenchmarkConfig(model="coat_test", vs=("ours-triton",), **kw)
+
+
+def test_benchmark_times_ours_against_ours_with_triton_kernels(tmp_path):
+    # The A/B a GPU session runs (`--device cuda --vs ours-triton`), here on the interpreter: both rows present.
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    csv = tmp_path / "speed.csv"
+    done = subprocess.run(
+        [sys.executable, "-m", "coatvit", "benchmark", "--model", "coat_test", "--batch-size", "1", "--vs",
+         "ours-triton", "--modes", "infer", "--repeats", "1", "--steps", "1", "--warmup", "0", "--no-memory",
+         "--threads", "1", "--matmul-size", "256", "--csv", str(csv)],
+        capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "ours-triton" in done.stdout
+    with csv.open(newline="") as f:
+        rows = list(DictReader(f))
+    assert [row["impl"] for row in rows] == ["ours", "ours-triton"]
+    assert all(float(row["infer_samples_per_sec"]) > 0 for row in rows)
