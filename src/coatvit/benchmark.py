@@ -65,7 +65,7 @@ class BenchmarkConfig:
         vs: baselines measured against ours, each interleaved with it: 'timm', 'timm-compile', 'reference'
             (our reference path), 'ours-compile', 'ours-ckpt' (ours with gradient checkpointing: the training
             speed and peak memory it trades), 'ours-triton' (ours with the Triton attention kernels of
-            `coatvit.kernels`: CUDA, inference and latency only).
+            `coatvit.kernels`: CUDA).
         modes: which of 'infer', 'latency', 'train' to run.
         repeats: interleaved repeats; the median and the spread (min-max) are reported.
         steps: timed steps per repeat (their mean is one sample).
@@ -111,9 +111,6 @@ class BenchmarkConfig:
             if not (self.device.startswith("cuda") or kernels.interpreting()):
                 raise ValueError(f"--vs ours-triton runs Triton kernels on a GPU; got --device {self.device}, "
                                  "use --device cuda")
-            if "train" in self.modes:
-                raise ValueError("--vs ours-triton has no training kernels (inference only); "
-                                 "use --modes infer latency")
         bad = [m for m in self.modes if m not in MODES]
         if bad or not self.modes:
             raise ValueError(f"modes must be a non-empty subset of {list(MODES)}, got {list(self.modes)}")

@@ -575,7 +575,7 @@ def _add_benchmark(sub):
     p.add_argument("--compile", action="store_true", help="torch.compile our model")
     p.add_argument("--vs", nargs="*", default=["timm"], metavar="BASELINE",
                    help="baselines: timm, timm-compile, reference, ours-compile, ours-ckpt (with gradient "
-                        "checkpointing), ours-triton (Triton attention kernels, CUDA inference); none: ours alone")
+                        "checkpointing), ours-triton (Triton attention kernels, CUDA); none: ours alone")
     p.add_argument("--modes", nargs="+", default=["infer", "latency", "train"], metavar="MODE",
                    help="infer (batch), latency (batch 1), train (fwd + bwd + AdamW)")
     p.add_argument("--repeats", type=int, default=5, help="interleaved repeats (median and min-max reported)")

@@ -19,8 +19,8 @@ three CRPE convolutions run as one depthwise conv; and in CPU inference each ser
 MLP a few hundred tokens, at a time so that the activations stay in cache. Its float summation order differs, so
 its outputs match the reference to about 1e-6, not bit for bit (tests/test_fast_path.py). On the meta device (MAC
 counting) the reference path runs. Measured, on a CPU the fast path's lead over timm's port comes mostly from
-writing less freshly mapped memory (BENCHMARKS.md, "Where the CPU lead comes from"). In GPU inference the
-attention can run as Triton kernels instead (opt-in, `coatvit.kernels`).
+writing less freshly mapped memory (BENCHMARKS.md, "Where the CPU lead comes from"). On a GPU the attention
+can run as Triton kernels instead, forward and backward (opt-in, `coatvit.kernels`).
 """
 
 from __future__ import annotations
@@ -221,9 +221,11 @@ class FactorAttnConvRelPosEnc(nn.Module):
         """
         B, N, C = x.shape
         h = self.num_heads
-        if kernels.use_kernels(x):  # opt-in Triton kernels (GPU inference), coatvit/kernels.py
+        if kernels.use_kernels(x):  # opt-in Triton kernels on a GPU, coatvit/kernels.py
             qkv = self.qkv(x)  # (B, N, 3C)
             conv_v = None if crpe is None else crpe.conv_tokens(qkv[..., 2 * C:], size)
+            if conv_v is not None and conv_v.stride(-1) != 1:  # the kernels read channels with unit stride
+                conv_v = conv_v.contiguous()
             return self.proj(kernels.factor_attention(qkv, h, self.scale, conv_v))
         q, k, v = self.qkv(x).unflatten(-1, (3, C)).unbind(2)  # (B, N, C) views, heads side by side
         k = k.softmax(dim=1)  # (B, N, C); softmax over all N tokens per channel
