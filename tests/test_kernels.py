@@ -129,6 +129,34 @@ def test_attention_kernel_gradients_match_the_eager_fast_path_in_the_interpreter
         assert err < 1e-5, (key, err)
 
 
+def test_attention_kernels_match_an_einsum_formula_on_a_strided_qkv_in_the_interpreter():
+    # A second oracle, written from the equations, and a qkv that is a view with gaps between rows.
+    result = _interpret("""
+        import json, torch
+        from coatvit import kernels
+        torch.manual_seed(0)
+        B, N, C, h = 2, 70, 64, 4
+
+        def formula(qkv, scale):
+            q, k, v = qkv.unflatten(-1, (3, h, C // h)).unbind(2)  # (B, N, h, Ch)
+            context = torch.einsum("bnhc,bnhd->bhcd", k.softmax(dim=1), v) * scale
+            return torch.einsum("bnhc,bhcd->bnhd", q, context).reshape(B, N, C)
+
+        wide = torch.randn(B, N, 4 * C, requires_grad=True)
+        qkv = wide[..., C:]  # unit channel stride, rows 4C apart
+        g = torch.randn(B, N, C)
+        out = kernels.factor_attention(qkv, h, 0.25)
+        out.backward(g)
+        got = wide.grad.clone()
+        wide.grad = None
+        ref = formula(qkv, 0.25)
+        ref.backward(g)
+        print(json.dumps({"out": (out - ref).abs().max().item(), "grad": (got - wide.grad).abs().max().item(),
+                          "untouched": got[..., :C].abs().max().item()}))
+    """)
+    assert result["out"] < 1e-5 and result["grad"] < 1e-5 and result["untouched"] == 0, result
+
+
 def test_training_step_with_triton_kernels_matches_the_default_path_in_the_interpreter():
     # A whole coat_tiny training step (serial and parallel blocks): loss and every parameter's gradient.
     result = _interpret("""

@@ -142,7 +142,7 @@ class _FactorAttention(torch.autograd.Function):
         delta = torch.empty(B, h, D, device=qkv.device, dtype=torch.float32)
         k.context_grad_kernel[(B, h)](qkv, grad, context, dctx, delta, N, Ch, qkv.stride(0), qkv.stride(1),
                                       grad.stride(0), grad.stride(1), D=D, BLOCK_N=BLOCK_N)
-        dqkv = torch.empty_like(qkv, memory_format=torch.contiguous_format)
+        dqkv = torch.empty_strided(qkv.shape, qkv.stride(), dtype=qkv.dtype, device=qkv.device)  # qkv's offsets
         cv = grad if conv_v is None else conv_v
         dcv = None if conv_v is None else torch.empty_strided(conv_v.shape, conv_v.stride(), dtype=conv_v.dtype,
                                                                device=conv_v.device)
