@@ -93,6 +93,20 @@ def test_chunked_inference_with_many_chunks(monkeypatch):
     assert len(calls) == sum(model.config.serial_depths)  # every serial block took the chunked path
 
 
+def test_mlp_in_several_token_chunks(monkeypatch):
+    # At most 1000 rows per MLP chunk (coat_tiny's hidden width is 608): the 1278 stage-1 tokens of 3 images run
+    # as 1000 + 278 rows, and the chunks give the reference logits.
+    monkeypatch.setattr(model_module.Mlp, "chunk_elements", 1000 * 608)
+    rows = []
+    forward = model_module.Mlp.forward
+    monkeypatch.setattr(model_module.Mlp, "forward", lambda self, x: rows.append(x.shape[0]) or forward(self, x))
+    model = _model("coat_tiny").eval()
+    x = torch.randn(3, 3, *SIZE)
+    with torch.no_grad():
+        assert _max_diff(*_both(model, lambda m: m(x))) < 1e-5
+    assert rows[:2] == [1000, 278]  # the first serial block's MLP on the fast path
+
+
 def test_fast_path_with_autograd_in_eval_mode():
     # With autograd on, the fast path skips the chunking (it writes into preallocated outputs) and must match.
     model = _model("coat_test").eval()
