@@ -14,6 +14,7 @@ from csv import DictReader
 import pytest
 import torch
 
+import coatvit
 from coatvit import kernels
 from coatvit.benchmark import BenchmarkConfig
 
@@ -235,3 +236,28 @@ def test_benchmark_times_ours_against_ours_with_triton_kernels(tmp_path):
         rows = list(DictReader(f))
     assert [row["impl"] for row in rows] == ["ours", "ours-triton"]
     assert all(float(row["infer_samples_per_sec"]) > 0 for row in rows)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the interpreter tests above run here)")
+@pytest.mark.parametrize("name", ["coat_lite_tiny", "coat_tiny"])
+def test_kernels_on_a_gpu_match_the_default_path(monkeypatch, name):
+    # Compiled by Triton for the GPU at hand: logits and every parameter's gradient, fp32, against the eager path.
+    torch.manual_seed(0)
+    model = coatvit.create_model(name, num_classes=10).cuda().train()
+    x, y = torch.randn(4, 3, 224, 160, device="cuda"), torch.tensor([1, 7, 3, 0], device="cuda")
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)  # fp32 GEMMs and convs on both paths
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+
+    def step(use):
+        model.zero_grad(set_to_none=True)
+        kernels.set_enabled(use)
+        try:
+            logits = model(x)
+        finally:
+            kernels.set_enabled(None)
+        torch.nn.functional.cross_entropy(logits, y).backward()
+        return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    (l0, g0), (l1, g1) = step(False), step(True)
+    assert (l0 - l1).abs().max().item() < 1e-4
+    assert max(((g0[n] - g1[n]).abs().max() / (g0[n].abs().max() + 1e-12)).item() for n in g0) < 1e-3
