@@ -21,9 +21,15 @@ from coatvit.benchmark import BenchmarkConfig
 pytest.importorskip("triton")
 
 
-def _interpret(code: str) -> dict:
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+def _child_env(**extra: str) -> dict:
+    """This interpreter's environment and import path for a child process, without COATVIT_TRITON."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p), **extra)
     env.pop(kernels.ENV, None)
+    return env
+
+
+def _interpret(code: str) -> dict:
+    env = _child_env(TRITON_INTERPRET="1")
     done = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=env,
                           timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -207,8 +213,7 @@ def test_kernels_run_only_when_enabled_on_gpu_tensors(monkeypatch):
 def test_the_default_cpu_forward_never_imports_triton():
     code = ("import sys, torch, coatvit; m = coatvit.create_model('coat_test').eval(); m(torch.randn(1, 3, 64, 64)); "
             "print('triton' in sys.modules)")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
-    env.pop(kernels.ENV, None)
+    env = _child_env()
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().splitlines()[-1] == "False"
@@ -223,7 +228,7 @@ def test_benchmark_refuses_triton_where_the_kernels_cannot_run(monkeypatch):
 
 def test_benchmark_times_ours_against_ours_with_triton_kernels(tmp_path):
     # The A/B a GPU session runs (`--device cuda --vs ours-triton`), here on the interpreter: both rows present.
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    env = _child_env(TRITON_INTERPRET="1")
     csv = tmp_path / "speed.csv"
     done = subprocess.run(
         [sys.executable, "-m", "coatvit", "benchmark", "--model", "coat_test", "--batch-size", "1", "--vs",

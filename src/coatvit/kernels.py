@@ -82,11 +82,13 @@ def factor_attention(qkv: torch.Tensor, num_heads: int, scale: float,
                      conv_v: torch.Tensor | None = None) -> torch.Tensor:
     """Q softmax(K)^T V * scale (+ Q_img * conv_v) per head, as (B, N, C), from the qkv projection (B, N, 3C).
 
-    `conv_v` is DWConv(V_img) in the token layout (B, N - 1, C), any strides with unit channel stride (the
-    channels-last conv output seen through `as_tokens`). Differentiable in `qkv` and `conv_v` (backward kernels;
-    no double backward)."""
-    if qkv.stride(-1) != 1 or (conv_v is not None and conv_v.stride(-1) != 1):
-        raise ValueError("factor_attention needs unit channel strides (a Linear output, a channels-last conv)")
+    `conv_v` is DWConv(V_img) in the token layout (B, N - 1, C). The kernels take any row strides but read
+    channels with unit stride (a Linear output; the channels-last conv output seen through `as_tokens`), so other
+    layouts are copied first. Differentiable in `qkv` and `conv_v` (backward kernels; no double backward)."""
+    if qkv.stride(-1) != 1:
+        qkv = qkv.contiguous()
+    if conv_v is not None and conv_v.stride(-1) != 1:
+        conv_v = conv_v.contiguous()
     if torch.is_grad_enabled() and (qkv.requires_grad or (conv_v is not None and conv_v.requires_grad)):
         return _FactorAttention.apply(qkv, conv_v, num_heads, scale)
     return _forward(qkv, num_heads, scale, conv_v)[0]

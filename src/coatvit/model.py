@@ -224,8 +224,6 @@ class FactorAttnConvRelPosEnc(nn.Module):
         if kernels.use_kernels(x):  # opt-in Triton kernels on a GPU, coatvit/kernels.py
             qkv = self.qkv(x)  # (B, N, 3C)
             conv_v = None if crpe is None else crpe.conv_tokens(qkv[..., 2 * C:], size)
-            if conv_v is not None and conv_v.stride(-1) != 1:  # the kernels read channels with unit stride
-                conv_v = conv_v.contiguous()
             return self.proj(kernels.factor_attention(qkv, h, self.scale, conv_v))
         q, k, v = self.qkv(x).unflatten(-1, (3, C)).unbind(2)  # (B, N, C) views, heads side by side
         k = k.softmax(dim=1)  # (B, N, C); softmax over all N tokens per channel

@@ -10,10 +10,9 @@ working in cache-sized chunks, takes none at inference, but about 340,000 per tr
 `tune_cpu_allocator()` raises glibc's mmap and trim thresholds to 1 GiB with `mallopt`, so freed blocks are reused
 instead of unmapped: in `coatvit benchmark` the page faults per step drop to zero for both implementations. The
 cost is that memory freed by the process stays with it (the resident size stays at its high-water mark), as with
-any caching allocator. The
-`coatvit` commands that train or run models call it at start-up unless `COATVIT_TUNE_ALLOCATOR=0`;
-`coatvit benchmark` leaves the allocator alone unless `--tuned-allocator` is given (it is process-wide, so timm's
-model measured in the same run gets the same benefit). Measured effect: BENCHMARKS.md.
+any caching allocator. The `coatvit` commands that train or run models call it at start-up unless
+`COATVIT_TUNE_ALLOCATOR=0`; `coatvit benchmark` leaves the allocator alone unless `--tuned-allocator` is given (it
+is process-wide, so timm's model measured in the same run gets the same benefit). Measured effect: BENCHMARKS.md.
 """
 
 from __future__ import annotations
