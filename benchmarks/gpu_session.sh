@@ -1,16 +1,33 @@
 #!/usr/bin/env bash
-# One short GPU session, everything the speed issue still needs from a GPU, results under ${OUT:-gpu-results}:
-# the Triton kernels checked on the real GPU (tests/test_kernels.py -k gpu), then ours vs ours + Triton kernels vs
-# timm eager and compiled, bf16 AMP at batch 256, inference, latency and training.
-#     bash benchmarks/gpu_session.sh            (from the repository root, with the project installed)
-set -euo pipefail
+# One short GPU session, everything the speed issue needs from a GPU, results under ${OUT:-gpu-results}:
+#   1. the Triton kernels checked on the real GPU against the default path (tests/test_kernels.py -k gpu);
+#   2. ours vs ours + Triton kernels vs timm eager, bf16 AMP at batch 256: inference, training, batch-1 latency,
+#      peak memory, for coat_lite_tiny and coat_tiny;
+#   3. coat_lite_tiny inference, ours eager vs ours compiled vs timm compiled.
+# Each step has its own time limit, so one slow step cannot starve the rest; the most important come first.
+#     bash benchmarks/gpu_session.sh            (repository root; the project installed, or PYTHONPATH=src)
+set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-gpu-results}
 mkdir -p "$out"
 PY=${PYTHON:-python}
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
-"$PY" -m pytest -q -p no:cacheprovider tests/test_kernels.py -k gpu 2>&1 | tee "$out/kernel-tests.txt"
-for model in coat_lite_tiny coat_tiny; do
-    "$PY" -m coatvit benchmark --model "$model" --device cuda --amp bfloat16 --batch-size 256 \
-        --vs ours-triton timm timm-compile --repeats 5 --csv "$out/speed.csv" 2>&1 | tee -a "$out/benchmark.txt"
-done
+export PYTHONUNBUFFERED=1
+
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv | tee "$out/gpu.txt"
+"$PY" -c "import sys, torch, triton, timm; print('python', sys.version.split()[0], 'torch', torch.__version__,
+'triton', triton.__version__, 'timm', timm.__version__, 'cuda', torch.version.cuda)" | tee -a "$out/gpu.txt"
+
+timeout 120 "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels.py -k gpu 2>&1 | tee "$out/kernel-tests.txt"
+
+bench() {  # time limit (s), then benchmark arguments
+    local limit=$1
+    shift
+    echo "== coatvit benchmark $* --device cuda --amp bfloat16 --batch-size 256 --repeats 5 --steps 3 --warmup 2" \
+        | tee -a "$out/benchmark.txt"
+    timeout "$limit" "$PY" -m coatvit benchmark "$@" --device cuda --amp bfloat16 --batch-size 256 --repeats 5 \
+        --steps 3 --warmup 2 --csv "$out/speed.csv" 2>&1 | tee -a "$out/benchmark.txt"
+    echo "== exit ${PIPESTATUS[0]}" | tee -a "$out/benchmark.txt"
+}
+bench 100 --model coat_lite_tiny --vs ours-triton timm --modes infer train latency
+bench 130 --model coat_tiny --vs ours-triton timm --modes infer train latency
+bench 170 --model coat_lite_tiny --vs ours-compile timm-compile --modes infer --no-memory

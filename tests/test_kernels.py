@@ -188,20 +188,50 @@ def test_training_step_with_triton_kernels_matches_the_default_path_in_the_inter
     assert result["loss"] < 1e-5 and result["grad"] < 1e-4, result
 
 
-def test_kernels_run_only_when_enabled_on_gpu_tensors(monkeypatch):
+def test_kernel_mode_follows_the_setting_then_the_environment(monkeypatch):
+    monkeypatch.delenv(kernels.ENV, raising=False)
+    assert kernels.mode() == "auto" and not kernels.enabled()
+    for value, expected in [("1", "on"), ("true", "on"), ("0", "off"), ("no", "off"), ("auto", "auto"), ("", "auto")]:
+        monkeypatch.setenv(kernels.ENV, value)
+        assert kernels.mode() == expected, value
+    monkeypatch.setenv(kernels.ENV, "1")
+    kernels.set_enabled(False)
+    try:
+        assert kernels.mode() == "off"  # the setting wins over the environment
+    finally:
+        kernels.set_enabled(None)
+    monkeypatch.setenv(kernels.ENV, "fast")
+    with pytest.raises(ValueError, match="COATVIT_TRITON must be auto, 1 or 0"):
+        kernels.mode()
+
+
+def test_kernel_policy_is_cuda_inference_by_default():
+    ampere, volta = (8, 0), (7, 0)
+    # auto: CUDA inference on compute capability >= 8.0; never training, never a CPU tensor outside the interpreter
+    assert kernels.decide("auto", "cuda", ampere, grad=False, interpreter=False)
+    assert kernels.decide("auto", "cuda", (9, 0), grad=False, interpreter=False)
+    assert not kernels.decide("auto", "cuda", ampere, grad=True, interpreter=False)
+    assert not kernels.decide("auto", "cuda", volta, grad=False, interpreter=False)
+    assert not kernels.decide("auto", "cpu", None, grad=False, interpreter=False)
+    assert not kernels.decide("auto", "cpu", None, grad=False, interpreter=True)
+    # on: every CUDA forward, training included; CPU tensors only under the interpreter
+    assert kernels.decide("on", "cuda", volta, grad=True, interpreter=False)
+    assert kernels.decide("on", "cpu", None, grad=True, interpreter=True)
+    assert not kernels.decide("on", "cpu", None, grad=False, interpreter=False)
+    assert not kernels.decide("on", "mps", None, grad=False, interpreter=False)
+    # off: never
+    assert not kernels.decide("off", "cuda", ampere, grad=False, interpreter=False)
+    assert not kernels.decide("off", "cpu", None, grad=False, interpreter=True)
+
+
+def test_use_kernels_on_cpu_tensors_needs_the_interpreter_and_mode_on(monkeypatch):
     monkeypatch.delenv(kernels.ENV, raising=False)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     x = torch.zeros(1)
-    assert not kernels.enabled()
-    monkeypatch.setenv(kernels.ENV, "1")
-    assert kernels.enabled()
-    kernels.set_enabled(False)
-    try:
-        assert not kernels.enabled()  # the setting wins over the environment
-    finally:
-        kernels.set_enabled(None)
-    assert not kernels.use_kernels(x)  # a CPU tensor outside the interpreter
+    assert not kernels.use_kernels(x)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert not kernels.use_kernels(x)  # auto is for CUDA tensors
+    monkeypatch.setenv(kernels.ENV, "1")
     assert kernels.use_kernels(x)
     kernels.set_enabled(False)
     try:
@@ -224,6 +254,7 @@ def test_benchmark_refuses_triton_where_the_kernels_cannot_run(monkeypatch):
     with pytest.raises(ValueError, match="use --device cuda"):
         BenchmarkConfig(model="coat_test", vs=("ours-triton",), device="cpu")
     BenchmarkConfig(model="coat_test", vs=("ours-triton",), device="cuda")  # accepted; run on a GPU
+    BenchmarkConfig(model="coat_test", vs=("ours-no-triton",), device="cpu")  # kernels off: runs anywhere
 
 
 def test_benchmark_times_ours_against_ours_with_triton_kernels(tmp_path):
@@ -266,3 +297,26 @@ def test_kernels_on_a_gpu_match_the_default_path(monkeypatch, name):
     (l0, g0), (l1, g1) = step(False), step(True)
     assert (l0 - l1).abs().max().item() < 1e-4
     assert max(((g0[n] - g1[n]).abs().max() / (g0[n].abs().max() + 1e-12)).item() for n in g0) < 1e-3
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the policy itself is tested above)")
+def test_by_default_a_gpu_runs_the_kernels_for_inference_only(monkeypatch):
+    monkeypatch.delenv(kernels.ENV, raising=False)
+    calls = []
+    forward = kernels._forward
+    monkeypatch.setattr(kernels, "_forward", lambda *a: calls.append(1) or forward(*a))
+    model = coatvit.create_model("coat_lite_tiny", num_classes=10).cuda()
+    x = torch.randn(2, 3, 96, 128, device="cuda")
+    with torch.no_grad():
+        fast = model.eval()(x)
+    assert len(calls) == 8 if torch.cuda.get_device_capability() >= (8, 0) else not calls
+    calls.clear()
+    kernels.set_enabled(False)
+    try:
+        with torch.no_grad():
+            eager = model(x)
+    finally:
+        kernels.set_enabled(None)
+    assert not calls and (fast - eager).abs().max().item() < 1e-3  # TF32 may be on: both paths' GEMMs round alike
+    model.train()(x).sum().backward()
+    assert not calls  # training keeps the eager ops unless COATVIT_TRITON=1

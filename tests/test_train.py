@@ -224,6 +224,32 @@ def test_unwritable_output_and_foreign_checkpoints_exit_2(tmp_path, capsys):
     assert "coat_test run, not coat_lite_tiny" in capsys.readouterr().err
 
 
+def test_compile_flag_trains_the_compiled_model_and_saves_plain_checkpoints(tmp_path, monkeypatch):
+    # `coatvit train --compile`: the training steps run through torch.compile (Dynamo + AOTAutograd here; the
+    # aot_eager backend skips inductor's C++ build, minutes on 2 cores), with the eager run's losses and weights,
+    # and checkpoints keep the model's own keys.
+    compiled = []
+    real_compile = torch.compile
+
+    def compile_aot_eager(model, **kwargs):
+        compiled.append(type(model).__name__)
+        return real_compile(model, backend="aot_eager", **kwargs)
+
+    monkeypatch.setattr(torch, "compile", compile_aot_eager)
+    base = ["train", "--model", "coat_test", "--img-size", "32", "-b", "16", "--epochs", "1", "--builtin-train-size",
+            "32", "--builtin-val-size", "16", "-j", "0", "--output", str(tmp_path), "--drop-path", "0",
+            "--no-model-ema", "--no-curves", "--warmup-epochs", "0", "--threads", "1"]
+    assert cli.main(base + ["--experiment", "eager"]) == 0 and compiled == []
+    assert cli.main(base + ["--experiment", "compiled", "--compile"]) == 0 and compiled == ["CoaT"]
+    eager_rows, compiled_rows = (read_csv(tmp_path / run / "summary.csv") for run in ("eager", "compiled"))
+    for key in ("train_loss", "eval_loss"):
+        assert abs(float(eager_rows[0][key]) - float(compiled_rows[0][key])) < 1e-4, key
+    a, b = state_of(tmp_path / "eager" / "last.pth"), state_of(tmp_path / "compiled" / "last.pth")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-5), k
+
+
 def test_finetune_onto_new_classes_and_resolution(tmp_path):
     src = coatvit.create_model("coat_test", num_classes=3)
     coatvit.save_weights(src, tmp_path / "src.safetensors")

@@ -34,7 +34,7 @@ except ImportError:  # Windows
 
 from .runtime import allocator_tuned, tune_cpu_allocator
 
-BASELINES = ("timm", "timm-compile", "reference", "ours-compile", "ours-ckpt", "ours-triton")
+BASELINES = ("timm", "timm-compile", "reference", "ours-compile", "ours-ckpt", "ours-triton", "ours-no-triton")
 MODES = ("infer", "latency", "train")
 AMP_DTYPES = {"none": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -65,7 +65,8 @@ class BenchmarkConfig:
         vs: baselines measured against ours, each interleaved with it: 'timm', 'timm-compile', 'reference'
             (our reference path), 'ours-compile', 'ours-ckpt' (ours with gradient checkpointing: the training
             speed and peak memory it trades), 'ours-triton' (ours with the Triton attention kernels of
-            `coatvit.kernels`: CUDA).
+            `coatvit.kernels` forced on, training included: CUDA), 'ours-no-triton' (ours with them off; 'ours'
+            itself follows their default, `COATVIT_TRITON`: on for CUDA inference).
         modes: which of 'infer', 'latency', 'train' to run.
         repeats: interleaved repeats; the median and the spread (min-max) are reported.
         steps: timed steps per repeat (their mean is one sample).
@@ -131,7 +132,7 @@ def build_model(impl: str, cfg: BenchmarkConfig) -> nn.Module:
     reference path), 'timm', or a '-compile' variant."""
     base = impl.removesuffix("-compile")
     torch.manual_seed(cfg.seed)
-    if base in ("ours", "ours-ckpt", "ours-triton", "reference"):
+    if base in ("ours", "ours-ckpt", "ours-triton", "ours-no-triton", "reference"):
         from .registry import create_model
 
         model = create_model(cfg.model)
@@ -172,14 +173,15 @@ def _timm_model(name: str, config, img_size: tuple[int, int]) -> nn.Module:
 
 
 def contender_step(impl: str, mode: str, model: nn.Module, cfg: BenchmarkConfig) -> Callable[[], None]:
-    """`make_step` for one contender; 'ours-triton' runs its steps with `coatvit.kernels` enabled."""
+    """`make_step` for one contender; 'ours-triton' runs its steps with `coatvit.kernels` forced on,
+    'ours-no-triton' with them off."""
     step = make_step(mode, model, cfg)
-    if impl != "ours-triton":
+    if impl not in ("ours-triton", "ours-no-triton"):
         return step
     from . import kernels
 
     def with_kernels():
-        kernels.set_enabled(True)
+        kernels.set_enabled(impl == "ours-triton")
         try:
             step()
         finally:

@@ -19,32 +19,54 @@ Heads narrower than 16 channels are zero-padded to 16 inside the kernels (`tl.do
 read from or written to memory. The products run in IEEE fp32 (no TF32), whatever the input dtype (bf16/fp16
 under autocast are widened on load), so outputs match the eager fast path to float rounding.
 
-Enable with `coatvit.kernels.set_enabled(True)` or `COATVIT_TRITON=1`. They run on CUDA tensors, in inference and
-under autograd (no double backward), outside torch.compile; everything else takes the eager fast path. Tests run
-the same kernels on the CPU under Triton's interpreter (`TRITON_INTERPRET=1`), where CPU tensors are allowed too.
+When they run (`mode()`, from `set_enabled` or the environment variable `COATVIT_TRITON`):
+
+- `auto` (the default): CUDA inference only, i.e. CUDA tensors on a GPU of compute capability 8.0 or newer while
+  autograd is off (`torch.no_grad()` / `torch.inference_mode()`). Measured on an H100 (BENCHMARKS.md, bf16 AMP,
+  batch 256): inference 1.28x faster for coat_tiny, equal for coat_lite_tiny, batch-1 latency 1.07-1.2x faster;
+  training steps 0.88x for coat_lite_tiny, so training keeps the eager ops unless asked.
+- `on` (`COATVIT_TRITON=1`, `set_enabled(True)`): every CUDA forward, training included (backward kernels too).
+- `off` (`COATVIT_TRITON=0`, `set_enabled(False)`): never.
+
+Never inside torch.compile, torch.export or TorchScript tracing (those see the eager ops, which they fuse or export
+themselves). Tests run the same kernels on the CPU under Triton's interpreter (`TRITON_INTERPRET=1`), where CPU
+tensors are allowed too when the mode is `on`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 
 import torch
 
 ENV = "COATVIT_TRITON"
+MODES = ("auto", "on", "off")
 _enabled: bool | None = None  # None: follow the environment variable
+_ENV_VALUES = {"": "auto", "auto": "auto", "1": "on", "true": "on", "yes": "on", "on": "on",
+               "0": "off", "false": "off", "no": "off", "off": "off"}
 
 
 def set_enabled(enable: bool | None) -> None:
-    """Turn the Triton kernels on or off for this process (None: back to `COATVIT_TRITON`)."""
+    """Kernels always (True) or never (False) for this process; None goes back to `COATVIT_TRITON` (default auto)."""
     global _enabled
     _enabled = enable
 
 
-def enabled() -> bool:
+def mode() -> str:
+    """'auto', 'on' or 'off' (see the module's docstring)."""
     if _enabled is not None:
-        return _enabled
-    return os.environ.get(ENV, "0") not in ("", "0", "false", "no")
+        return "on" if _enabled else "off"
+    value = os.environ.get(ENV, "auto").strip().lower()
+    if value not in _ENV_VALUES:
+        raise ValueError(f"{ENV} must be auto, 1 or 0 (got {value!r}); unset it for the default (auto)")
+    return _ENV_VALUES[value]
+
+
+def enabled() -> bool:
+    """Whether the kernels are forced on (`mode() == 'on'`)."""
+    return mode() == "on"
 
 
 def interpreting() -> bool:
@@ -61,11 +83,31 @@ def available() -> bool:
     return True
 
 
+@functools.cache
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def decide(mode: str, device_type: str, capability: tuple[int, int] | None, grad: bool, interpreter: bool) -> bool:
+    """The policy of `use_kernels`, apart from availability and tracing: `capability` of the CUDA device (None
+    elsewhere), `grad` whether autograd records, `interpreter` whether Triton's CPU interpreter is on."""
+    if mode == "off":
+        return False
+    if device_type == "cpu":
+        return interpreter and mode == "on"
+    if device_type != "cuda":
+        return False
+    return mode == "on" or (not grad and capability is not None and capability >= (8, 0))
+
+
 def use_kernels(x: torch.Tensor) -> bool:
     """Whether the attention on input `x` runs the Triton kernels."""
-    if not enabled() or torch.compiler.is_compiling() or not available():
+    m = mode()
+    if m == "off" or torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting():
         return False
-    return x.is_cuda or (interpreting() and x.device.type == "cpu")
+    capability = _capability(x.device.index if x.device.index is not None else torch.cuda.current_device()) \
+        if x.is_cuda else None
+    return decide(m, x.device.type, capability, torch.is_grad_enabled(), interpreting()) and available()
 
 
 def _kernels():
@@ -75,7 +117,31 @@ def _kernels():
     return _triton_kernels
 
 
-BLOCK_N = 64
+@dataclasses.dataclass(frozen=True)
+class Launch:
+    """Launch settings of the kernels for one padded head width: tokens per loop step of the streaming kernels
+    (context, context_grad; one program per image and head), tokens per program of the tiled kernels (output,
+    input_grad), and warps per program of each."""
+
+    stream_block: int = 64
+    stream_warps: int = 4
+    tile_block: int = 64
+    tile_warps: int = 4
+
+
+# Per padded head width D; widths not listed take Launch()'s defaults. Chosen by benchmarks/triton_sweep.py on an
+# H100 (bf16 autocast, batch 256, one conv-attention module, BENCHMARKS.md): D 16 (coat_lite stage 1, 8-channel
+# heads) inference 1.29x the eager ops and forward + backward 1.17x, against 1.24x / 1.09x with the defaults; D 32
+# (coat_tiny, 19-channel heads) 2.12x / 1.41x against 1.87x / 1.28x. D 64 is not swept yet. Some settings are far
+# slower (D 32 with 64- or 128-token tiles on 2 or 4 warps: 0.3x), so sweep before adding one.
+LAUNCH: dict[int, Launch] = {
+    16: Launch(stream_block=32, stream_warps=2, tile_block=64, tile_warps=2),
+    32: Launch(stream_block=32, stream_warps=2, tile_block=32, tile_warps=2),
+}
+
+
+def launch(D: int) -> Launch:
+    return LAUNCH.get(D, Launch())
 
 
 def factor_attention(qkv: torch.Tensor, num_heads: int, scale: float,
@@ -108,15 +174,17 @@ def _forward(qkv, num_heads, scale, conv_v):
     Ch = C // num_heads
     D = _padded_width(Ch)
     k = _kernels()
+    cfg = launch(D)
     ctx = torch.empty(B, num_heads, D, D, device=qkv.device, dtype=torch.float32)
     stats = torch.empty(B, num_heads, 2, D, device=qkv.device, dtype=torch.float32)  # softmax max and sum
-    k.context_kernel[(B, num_heads)](qkv, ctx, stats, N, C, Ch, qkv.stride(0), qkv.stride(1), scale, D=D,
-                                     BLOCK_N=BLOCK_N)
+    k.context_kernel[(num_heads, B)](qkv, ctx, stats, N, C, Ch, qkv.stride(0), qkv.stride(1), scale, D=D,
+                                     BLOCK_N=cfg.stream_block, num_warps=cfg.stream_warps)
     out = torch.empty(B, N, C, device=qkv.device, dtype=qkv.dtype)
     cv = out if conv_v is None else conv_v  # an unused pointer when there is no CRPE
-    k.output_kernel[(B, triton.cdiv(N, BLOCK_N), num_heads)](
+    k.output_kernel[(num_heads, triton.cdiv(N, cfg.tile_block), B)](
         qkv, ctx, cv, out, N, Ch, num_heads, qkv.stride(0), qkv.stride(1), cv.stride(0), cv.stride(1),
-        out.stride(0), out.stride(1), HAS_CRPE=conv_v is not None, D=D, BLOCK_N=BLOCK_N)
+        out.stride(0), out.stride(1), HAS_CRPE=conv_v is not None, D=D, BLOCK_N=cfg.tile_block,
+        num_warps=cfg.tile_warps)
     return out, ctx, stats
 
 
@@ -140,16 +208,18 @@ class _FactorAttention(torch.autograd.Function):
         Ch = C // h
         D = context.shape[-1]
         k = _kernels()
+        cfg = launch(D)
         dctx = torch.empty_like(context)
         delta = torch.empty(B, h, D, device=qkv.device, dtype=torch.float32)
-        k.context_grad_kernel[(B, h)](qkv, grad, context, dctx, delta, N, Ch, qkv.stride(0), qkv.stride(1),
-                                      grad.stride(0), grad.stride(1), D=D, BLOCK_N=BLOCK_N)
+        k.context_grad_kernel[(h, B)](qkv, grad, context, dctx, delta, N, Ch, qkv.stride(0), qkv.stride(1),
+                                      grad.stride(0), grad.stride(1), D=D, BLOCK_N=cfg.stream_block,
+                                      num_warps=cfg.stream_warps)
         dqkv = torch.empty_strided(qkv.shape, qkv.stride(), dtype=qkv.dtype, device=qkv.device)  # qkv's offsets
         cv = grad if conv_v is None else conv_v
         dcv = None if conv_v is None else torch.empty_strided(conv_v.shape, conv_v.stride(), dtype=conv_v.dtype,
                                                                device=conv_v.device)
-        k.input_grad_kernel[(B, triton.cdiv(N, BLOCK_N), h)](
+        k.input_grad_kernel[(h, triton.cdiv(N, cfg.tile_block), B)](
             qkv, grad, context, dctx, delta, stats, cv, dqkv, grad if dcv is None else dcv, N, C, Ch, h, ctx.scale,
             qkv.stride(0), qkv.stride(1), grad.stride(0), grad.stride(1), cv.stride(0), cv.stride(1),
-            HAS_CRPE=conv_v is not None, D=D, BLOCK_N=BLOCK_N)
+            HAS_CRPE=conv_v is not None, D=D, BLOCK_N=cfg.tile_block, num_warps=cfg.tile_warps)
         return dqkv, dcv, None, None

@@ -63,6 +63,7 @@ class TrainConfig:
     finetune: str | None = None  # weights to start from (any format load_weights reads); the head is re-made
     pretrained: bool = False  # start from the released ImageNet weights
     grad_checkpointing: bool = False
+    compile: bool = False  # torch.compile the training forward/backward (evaluation and checkpoints: eager model)
     # data
     data: str | None = None  # ImageFolder root; None uses the built-in dataset
     val_split: float = 0.0
@@ -784,6 +785,10 @@ def train(cfg: TrainConfig, *, argv: Sequence[str] | None = None) -> dict[str, A
     if ddp.enabled:
         train_model = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.compile:
+        # The wrapper shares the model's parameters: EMA, evaluation and checkpoints keep using `model` itself
+        # (its state-dict keys, no `_orig_mod.` prefix). The first steps compile (about a minute).
+        train_model = torch.compile(train_model)
 
     config_dict = cfg.to_dict()
     if main:
