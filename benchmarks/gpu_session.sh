@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # One short GPU session, everything the speed issue needs from a GPU, results under ${OUT:-gpu-results}:
 #   1. the Triton kernels checked on the real GPU against the default path (tests/test_kernels.py -k gpu);
-#   2. ours vs ours + Triton kernels vs timm eager, bf16 AMP at batch 256: inference, training, batch-1 latency,
-#      peak memory, for coat_lite_tiny and coat_tiny;
-#   3. coat_lite_tiny inference, ours eager vs ours compiled vs timm compiled.
+#   2. ours (default: Triton kernels for CUDA inference) vs kernels off vs kernels forced on vs timm eager, bf16 AMP
+#      at batch 256: inference, training, batch-1 latency, peak memory, for coat_lite_tiny and coat_tiny;
+#   3. the kernels' launch settings for the head widths not swept yet (benchmarks/triton_sweep.py);
+#   4. ours eager vs ours compiled vs timm compiled, inference and training.
 # Each step has its own time limit, so one slow step cannot starve the rest; the most important come first.
 #     bash benchmarks/gpu_session.sh            (repository root; the project installed, or PYTHONPATH=src)
 set -uo pipefail
@@ -28,6 +29,7 @@ bench() {  # time limit (s), then benchmark arguments
         --steps 3 --warmup 2 --csv "$out/speed.csv" 2>&1 | tee -a "$out/benchmark.txt"
     echo "== exit ${PIPESTATUS[0]}" | tee -a "$out/benchmark.txt"
 }
-bench 100 --model coat_lite_tiny --vs ours-triton timm --modes infer train latency
-bench 130 --model coat_tiny --vs ours-triton timm --modes infer train latency
-bench 170 --model coat_lite_tiny --vs ours-compile timm-compile --modes infer --no-memory
+bench 100 --model coat_lite_tiny --vs ours-no-triton ours-triton timm --modes infer train latency
+bench 140 --model coat_tiny --vs ours-no-triton ours-triton timm --modes infer train latency
+timeout 90 "$PY" benchmarks/triton_sweep.py --shapes lite-s3 lite-s4 lite-s2 2>&1 | tee "$out/sweep.txt"
+bench 200 --model coat_lite_tiny --vs ours-compile timm-compile --modes infer train --no-memory

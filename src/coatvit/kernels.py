@@ -1,4 +1,4 @@
-"""Triton kernels for CoaT's conv-attention on a GPU (opt-in).
+"""Triton kernels for CoaT's conv-attention on a GPU (by default for CUDA inference).
 
 Two forward kernels replace the factorized attention's chain of eager ops (softmax over tokens, K^T V, Q x
 context, the CRPE product and sum, and the head permutes between them), reading q, k and v straight from the qkv
@@ -17,7 +17,9 @@ small (Ch x Ch) matrices (sum_c' ctx * dctx), so no extra pass over K is needed.
 
 Heads narrower than 16 channels are zero-padded to 16 inside the kernels (`tl.dot` needs 16); the padding is never
 read from or written to memory. The products run in IEEE fp32 (no TF32), whatever the input dtype (bf16/fp16
-under autocast are widened on load), so outputs match the eager fast path to float rounding.
+under autocast are widened on load), so outputs match the eager fast path to float rounding. Every grid puts the
+heads fastest, so programs that run together read the same token rows; tokens per block and warps per program
+come from `LAUNCH`, per padded head width (benchmarks/triton_sweep.py).
 
 When they run (`mode()`, from `set_enabled` or the environment variable `COATVIT_TRITON`):
 

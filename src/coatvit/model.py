@@ -20,7 +20,7 @@ MLP a few hundred tokens, at a time so that the activations stay in cache. Its f
 its outputs match the reference to about 1e-6, not bit for bit (tests/test_fast_path.py). On the meta device (MAC
 counting) the reference path runs. Measured, on a CPU the fast path's lead over timm's port comes mostly from
 writing less freshly mapped memory (BENCHMARKS.md, "Where the CPU lead comes from"). On a GPU the attention
-can run as Triton kernels instead, forward and backward (opt-in, `coatvit.kernels`).
+can run as Triton kernels instead, forward and backward (`coatvit.kernels`: by default in CUDA inference).
 """
 
 from __future__ import annotations
@@ -221,7 +221,7 @@ class FactorAttnConvRelPosEnc(nn.Module):
         """
         B, N, C = x.shape
         h = self.num_heads
-        if kernels.use_kernels(x):  # opt-in Triton kernels on a GPU, coatvit/kernels.py
+        if kernels.use_kernels(x):  # Triton kernels: CUDA inference by default (coatvit/kernels.py)
             qkv = self.qkv(x)  # (B, N, 3C)
             conv_v = None if crpe is None else crpe.conv_tokens(qkv[..., 2 * C:], size)
             return self.proj(kernels.factor_attention(qkv, h, self.scale, conv_v))
