@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 from csv import DictReader
 
 import pytest
@@ -238,6 +239,46 @@ def test_use_kernels_on_cpu_tensors_needs_the_interpreter_and_mode_on(monkeypatc
         assert not kernels.use_kernels(x)
     finally:
         kernels.set_enabled(None)
+
+
+def test_by_default_a_failed_kernel_launch_warns_once_and_the_eager_ops_take_over(monkeypatch):
+    # As on a GPU machine without a C compiler: Triton's first launch raises. `auto` is only a speed choice.
+    monkeypatch.delenv(kernels.ENV, raising=False)
+    monkeypatch.setattr(kernels, "_auto_failure", None)
+    model = coatvit.create_model("coat_test").eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = model(x)
+    monkeypatch.setattr(kernels, "decide", lambda *args: True)  # the policy says yes, as for CUDA inference
+    launches = []
+
+    def broken(*args):
+        launches.append(1)
+        raise RuntimeError("Failed to find C compiler. Please specify via CC environment variable.")
+
+    monkeypatch.setattr(kernels, "factor_attention", broken)
+    with pytest.warns(RuntimeWarning, match="Triton attention kernels failed .*C compiler.*COATVIT_TRITON=0"):
+        with torch.no_grad():
+            out = model(x)
+    assert torch.equal(out, expected) and len(launches) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with torch.no_grad():
+            assert torch.equal(model(x), expected)  # no second try, no second warning
+    assert len(launches) == 1
+    # asked for explicitly, the error stands; so does running out of memory, in either mode
+    monkeypatch.setattr(kernels, "_auto_failure", None)
+    monkeypatch.setenv(kernels.ENV, "1")
+    with pytest.raises(RuntimeError, match="C compiler"), torch.no_grad():
+        model(x)
+    monkeypatch.delenv(kernels.ENV)
+
+    def out_of_memory(*args):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(kernels, "factor_attention", out_of_memory)
+    with pytest.raises(torch.OutOfMemoryError), torch.no_grad():
+        model(x)
 
 
 def test_the_default_cpu_forward_never_imports_triton():

@@ -26,7 +26,8 @@ When they run (`mode()`, from `set_enabled` or the environment variable `COATVIT
 - `auto` (the default): CUDA inference only, i.e. CUDA tensors on a GPU of compute capability 8.0 or newer while
   autograd is off (`torch.no_grad()` / `torch.inference_mode()`). Measured on an H100 (BENCHMARKS.md, bf16 AMP,
   batch 256): inference 1.28x faster for coat_tiny, equal for coat_lite_tiny, batch-1 latency 1.07-1.2x faster;
-  training steps 0.88x for coat_lite_tiny, so training keeps the eager ops unless asked.
+  training steps 0.88x for coat_lite_tiny, so training keeps the eager ops unless asked. If a launch fails (Triton
+  needs a C compiler at run time, say), it warns once and the eager ops serve the rest of the process.
 - `on` (`COATVIT_TRITON=1`, `set_enabled(True)`): every CUDA forward, training included (backward kernels too).
 - `off` (`COATVIT_TRITON=0`, `set_enabled(False)`): never.
 
@@ -40,6 +41,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import warnings
 
 import torch
 
@@ -85,6 +87,24 @@ def available() -> bool:
     return True
 
 
+_auto_failure: str | None = None  # why `auto` fell back to the eager ops for the rest of the process
+
+
+def fall_back(error: BaseException) -> bool:
+    """Called when the kernels raised: in `auto` mode, warn once and use the eager ops from then on (True: the
+    caller computes the eager result). A missing C compiler or an unsupported GPU stops Triton's first launch; `auto`
+    is a speed choice and must not break a model that runs without it. In `on` mode (asked for explicitly), and for
+    running out of GPU memory (the eager ops need memory too), the error stands (False)."""
+    global _auto_failure
+    if mode() != "auto" or isinstance(error, torch.OutOfMemoryError):
+        return False
+    _auto_failure = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
+    warnings.warn(f"coatvit: the Triton attention kernels failed ({_auto_failure[:300]}); using the eager attention "
+                  f"ops from now on. Set {ENV}=0 to skip them, or {ENV}=1 to see the full error.", RuntimeWarning,
+                  stacklevel=2)
+    return True
+
+
 @functools.cache
 def _capability(index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(index)
@@ -106,6 +126,8 @@ def use_kernels(x: torch.Tensor) -> bool:
     """Whether the attention on input `x` runs the Triton kernels."""
     m = mode()
     if m == "off" or torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting():
+        return False
+    if m == "auto" and _auto_failure is not None:
         return False
     capability = _capability(x.device.index if x.device.index is not None else torch.cuda.current_device()) \
         if x.is_cuda else None
