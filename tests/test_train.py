@@ -271,6 +271,9 @@ _RANK_SCRIPT = """
 import sys, torch
 from coatvit.train import TrainConfig, train
 cfg = TrainConfig(**__import__("json").loads(sys.argv[1]))
+if cfg.compile:  # Dynamo + AOTAutograd without inductor's C++ build (minutes on 2 cores)
+    real_compile = torch.compile
+    torch.compile = lambda model, **kw: real_compile(model, backend="aot_eager", **kw)
 result = train(cfg, argv=["ddp-test"])
 torch.save(result["model"].state_dict(), sys.argv[2])
 """
@@ -282,7 +285,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_process_gloo_ddp_matches_a_single_process(tmp_path):
+@pytest.mark.parametrize("per_rank, accum, compiled", [(8, 1, False), (4, 2, True)], ids=["eager", "compiled-accum"])
+def test_two_process_gloo_ddp_matches_a_single_process(tmp_path, per_rank, accum, compiled):
+    # 2 ranks x per_rank x accum = the single process's batch of 16; the compiled case runs DDP's no_sync through
+    # torch.compile's wrapper.
     common = dict(model="coat_test", img_size=[32, 32], epochs=2, builtin_train_size=64, builtin_val_size=32,
                   workers=0, threads=1, log_interval=1000, no_aug=True, drop_path=0.0, aug_repeats=1,
                   model_ema=False, device="cpu", warmup_epochs=0.5, lr=2e-3, curves=False)
@@ -292,7 +298,8 @@ def test_two_process_gloo_ddp_matches_a_single_process(tmp_path):
         env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank),
                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "COATVIT_DIST_TIMEOUT": "60",
                "OMP_NUM_THREADS": "1"}
-        cfg = json.dumps({**common, "batch_size": 8, "output": str(tmp_path / "ddp"), "experiment": "run"})
+        cfg = json.dumps({**common, "batch_size": per_rank, "grad_accum": accum, "compile": compiled,
+                          "output": str(tmp_path / "ddp"), "experiment": "run"})
         procs.append(subprocess.Popen([sys.executable, "-c", _RANK_SCRIPT, cfg, str(tmp_path / f"rank{rank}.pt")],
                                       env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     logs = []

@@ -5,12 +5,15 @@ import triton.language as tl
 
 
 @triton.jit
-def context_kernel(qkv_ptr, ctx_ptr, stats_ptr, N, C, Ch, stride_b, stride_n, scale,
+def context_kernel(qkv_ptr, ctx_ptr, stats_ptr, N, C, Ch, heads, stride_b, stride_n, scale,
                    D: tl.constexpr, BLOCK_N: tl.constexpr):
     """ctx[b, j] = softmax(K_j)^T V_j * scale (D x D, zero-padded head), and the softmax's per-channel maximum
     and sum (stats[b, j, 0] and [b, j, 1]) for the backward pass."""
-    j = tl.program_id(0)  # heads vary fastest: programs launched together read the same rows
-    b = tl.program_id(1)
+    # one program per (image, head), heads fastest: programs launched together read the same token rows; 64-bit
+    # offsets, as b * stride_b passes 2**31 for large batches
+    bj = tl.program_id(0).to(tl.int64)
+    j = bj % heads
+    b = bj // heads
     d = tl.arange(0, D)
     dmask = d < Ch
     rows = tl.arange(0, BLOCK_N)
@@ -32,7 +35,6 @@ def context_kernel(qkv_ptr, ctx_ptr, stats_ptr, N, C, Ch, stride_b, stride_n, sc
         acc = acc * alpha[:, None] + tl.dot(tl.trans(p), vb, input_precision="ieee")
         m = m_new
     ctx = acc * (scale / l)[:, None]
-    bj = b * tl.num_programs(0) + j
     tl.store(ctx_ptr + (bj * D + d[:, None]) * D + d[None, :], ctx)
     tl.store(stats_ptr + bj * 2 * D + d, m)
     tl.store(stats_ptr + bj * 2 * D + D + d, l)
@@ -43,15 +45,16 @@ def output_kernel(qkv_ptr, ctx_ptr, cv_ptr, out_ptr, N, Ch, heads,
                   stride_b, stride_n, cv_stride_b, cv_stride_n, out_stride_b, out_stride_n,
                   HAS_CRPE: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr):
     """out[b, n, head j] = Q_j ctx_j (+ Q_j * DWConv(V)_j for image tokens), one block of tokens."""
-    j = tl.program_id(0)  # heads vary fastest: programs launched together read the same rows
+    bj = tl.program_id(0).to(tl.int64)  # (image, head) pairs, heads fastest, as in context_kernel
+    j = bj % heads
+    b = bj // heads
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    b = tl.program_id(2)
     d = tl.arange(0, D)
     mask = (n < N)[:, None] & (d < Ch)[None, :]
     c = j * Ch + d
     q = tl.load(qkv_ptr + b * stride_b + n[:, None] * stride_n + c[None, :], mask=mask, other=0.0)
     q = q.to(tl.float32)
-    ctx = tl.load(ctx_ptr + ((b * heads + j) * D + d[:, None]) * D + d[None, :])
+    ctx = tl.load(ctx_ptr + (bj * D + d[:, None]) * D + d[None, :])
     out = tl.dot(q, ctx, input_precision="ieee")  # (BLOCK_N, D)
     if HAS_CRPE:  # image token n reads row n - 1 of DWConv(V); the class token (n = 0) gets nothing
         img = mask & (n >= 1)[:, None]
@@ -62,12 +65,13 @@ def output_kernel(qkv_ptr, ctx_ptr, cv_ptr, out_ptr, N, Ch, heads,
 
 
 @triton.jit
-def context_grad_kernel(qkv_ptr, g_ptr, ctx_ptr, dctx_ptr, delta_ptr, N, Ch, stride_b, stride_n,
+def context_grad_kernel(qkv_ptr, g_ptr, ctx_ptr, dctx_ptr, delta_ptr, N, Ch, heads, stride_b, stride_n,
                         g_stride_b, g_stride_n, D: tl.constexpr, BLOCK_N: tl.constexpr):
     """dctx[b, j] = Q_j^T dOut_j (D x D) over all tokens, and delta[c] = sum_c' ctx[c, c'] dctx[c, c']: the
     sum over tokens that the softmax's backward needs, from two small matrices instead of a pass over K."""
-    j = tl.program_id(0)
-    b = tl.program_id(1)
+    bj = tl.program_id(0).to(tl.int64)  # (image, head) pairs, heads fastest, as in context_kernel
+    j = bj % heads
+    b = bj // heads
     d = tl.arange(0, D)
     dmask = d < Ch
     rows = tl.arange(0, BLOCK_N)
@@ -79,7 +83,6 @@ def context_grad_kernel(qkv_ptr, g_ptr, ctx_ptr, dctx_ptr, delta_ptr, N, Ch, str
         q = tl.load(qkv_ptr + b * stride_b + n[:, None] * stride_n + c[None, :], mask=mask, other=0.0)
         g = tl.load(g_ptr + b * g_stride_b + n[:, None] * g_stride_n + c[None, :], mask=mask, other=0.0)
         acc += tl.dot(tl.trans(q.to(tl.float32)), g.to(tl.float32), input_precision="ieee")
-    bj = b * tl.num_programs(0) + j
     ctx = tl.load(ctx_ptr + (bj * D + d[:, None]) * D + d[None, :])
     tl.store(dctx_ptr + (bj * D + d[:, None]) * D + d[None, :], acc)
     tl.store(delta_ptr + bj * D + d, tl.sum(ctx * acc, axis=1))
@@ -93,14 +96,14 @@ def input_grad_kernel(qkv_ptr, g_ptr, ctx_ptr, dctx_ptr, delta_ptr, stats_ptr, c
 
     dQ = dOut ctx^T (+ dOut * DWConv(V)); dV = scale P dctx; dK = P * (scale V dctx^T - delta), with
     P = softmax(K) recomputed from the forward's per-channel maximum and sum."""
-    j = tl.program_id(0)  # heads vary fastest: programs launched together read the same rows
+    bj = tl.program_id(0).to(tl.int64)  # (image, head) pairs, heads fastest, as in context_kernel
+    j = bj % heads
+    b = bj // heads
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    b = tl.program_id(2)
     d = tl.arange(0, D)
     nmask = n < N
     mask = nmask[:, None] & (d < Ch)[None, :]
     c = j * Ch + d
-    bj = b * heads + j
     rows = b * stride_b + n[:, None] * stride_n
     q = tl.load(qkv_ptr + rows + c[None, :], mask=mask, other=0.0).to(tl.float32)
     k = tl.load(qkv_ptr + rows + C + c[None, :], mask=mask, other=0.0).to(tl.float32)

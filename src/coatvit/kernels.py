@@ -38,6 +38,7 @@ tensors are allowed too when the mode is `on`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import os
@@ -63,9 +64,16 @@ def mode() -> str:
     if _enabled is not None:
         return "on" if _enabled else "off"
     value = os.environ.get(ENV, "auto").strip().lower()
-    if value not in _ENV_VALUES:
-        raise ValueError(f"{ENV} must be auto, 1 or 0 (got {value!r}); unset it for the default (auto)")
+    if value not in _ENV_VALUES:  # a GPU speed setting: a typo must not stop a model, on a CPU least of all
+        _warn_unknown(value)
+        return "auto"
     return _ENV_VALUES[value]
+
+
+@functools.cache
+def _warn_unknown(value: str) -> None:
+    warnings.warn(f"{ENV} must be auto, 1 or 0, got {value!r}; using auto (Triton kernels for CUDA inference)",
+                  RuntimeWarning, stacklevel=4)
 
 
 def enabled() -> bool:
@@ -129,8 +137,11 @@ def use_kernels(x: torch.Tensor) -> bool:
         return False
     if m == "auto" and _auto_failure is not None:
         return False
-    capability = _capability(x.device.index if x.device.index is not None else torch.cuda.current_device()) \
-        if x.is_cuda else None
+    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):  # they compute in fp32: float64 stays eager
+        return False
+    capability = None  # auto needs a CUDA GPU of compute capability 8.0+ (ROCm builds report other numbers)
+    if x.is_cuda and torch.version.hip is None:
+        capability = _capability(x.device.index if x.device.index is not None else torch.cuda.current_device())
     return decide(m, x.device.type, capability, torch.is_grad_enabled(), interpreting()) and available()
 
 
@@ -157,7 +168,7 @@ class Launch:
 # H100 (bf16 autocast, batch 256, one conv-attention module, BENCHMARKS.md): D 16 (coat_lite stage 1, 8-channel
 # heads) inference 1.29x the eager ops and forward + backward 1.17x, against 1.24x / 1.09x with the defaults; D 32
 # (coat_tiny, 19-channel heads) 2.12x / 1.41x against 1.87x / 1.28x. D 64 is not swept yet. Some settings are far
-# slower (D 32 with 64- or 128-token tiles on 2 or 4 warps: 0.3x), so sweep before adding one.
+# slower (D 32 with 64-token tiles on 2 warps or 128-token tiles on 4: 0.3x), so sweep before adding one.
 LAUNCH: dict[int, Launch] = {
     16: Launch(stream_block=32, stream_warps=2, tile_block=64, tile_warps=2),
     32: Launch(stream_block=32, stream_warps=2, tile_block=32, tile_warps=2),
@@ -179,9 +190,15 @@ def factor_attention(qkv: torch.Tensor, num_heads: int, scale: float,
         qkv = qkv.contiguous()
     if conv_v is not None and conv_v.stride(-1) != 1:
         conv_v = conv_v.contiguous()
-    if torch.is_grad_enabled() and (qkv.requires_grad or (conv_v is not None and conv_v.requires_grad)):
-        return _FactorAttention.apply(qkv, conv_v, num_heads, scale)
-    return _forward(qkv, num_heads, scale, conv_v)[0]
+    with _device_of(qkv):
+        if torch.is_grad_enabled() and (qkv.requires_grad or (conv_v is not None and conv_v.requires_grad)):
+            return _FactorAttention.apply(qkv, conv_v, num_heads, scale)
+        return _forward(qkv, num_heads, scale, conv_v)[0]
+
+
+def _device_of(t: torch.Tensor):
+    """Triton launches on the current CUDA device and its current stream: make that the tensor's device."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def _padded_width(head_channels: int) -> int:
@@ -201,11 +218,11 @@ def _forward(qkv, num_heads, scale, conv_v):
     cfg = launch(D)
     ctx = torch.empty(B, num_heads, D, D, device=qkv.device, dtype=torch.float32)
     stats = torch.empty(B, num_heads, 2, D, device=qkv.device, dtype=torch.float32)  # softmax max and sum
-    k.context_kernel[(num_heads, B)](qkv, ctx, stats, N, C, Ch, qkv.stride(0), qkv.stride(1), scale, D=D,
-                                     BLOCK_N=cfg.stream_block, num_warps=cfg.stream_warps)
+    k.context_kernel[(B * num_heads,)](qkv, ctx, stats, N, C, Ch, num_heads, qkv.stride(0), qkv.stride(1), scale,
+                                       D=D, BLOCK_N=cfg.stream_block, num_warps=cfg.stream_warps)
     out = torch.empty(B, N, C, device=qkv.device, dtype=qkv.dtype)
     cv = out if conv_v is None else conv_v  # an unused pointer when there is no CRPE
-    k.output_kernel[(num_heads, triton.cdiv(N, cfg.tile_block), B)](
+    k.output_kernel[(B * num_heads, triton.cdiv(N, cfg.tile_block))](
         qkv, ctx, cv, out, N, Ch, num_heads, qkv.stride(0), qkv.stride(1), cv.stride(0), cv.stride(1),
         out.stride(0), out.stride(1), HAS_CRPE=conv_v is not None, D=D, BLOCK_N=cfg.tile_block,
         num_warps=cfg.tile_warps)
@@ -233,17 +250,18 @@ class _FactorAttention(torch.autograd.Function):
         D = context.shape[-1]
         k = _kernels()
         cfg = launch(D)
-        dctx = torch.empty_like(context)
-        delta = torch.empty(B, h, D, device=qkv.device, dtype=torch.float32)
-        k.context_grad_kernel[(h, B)](qkv, grad, context, dctx, delta, N, Ch, qkv.stride(0), qkv.stride(1),
-                                      grad.stride(0), grad.stride(1), D=D, BLOCK_N=cfg.stream_block,
-                                      num_warps=cfg.stream_warps)
-        dqkv = torch.empty_strided(qkv.shape, qkv.stride(), dtype=qkv.dtype, device=qkv.device)  # qkv's offsets
-        cv = grad if conv_v is None else conv_v
-        dcv = None if conv_v is None else torch.empty_strided(conv_v.shape, conv_v.stride(), dtype=conv_v.dtype,
-                                                               device=conv_v.device)
-        k.input_grad_kernel[(h, triton.cdiv(N, cfg.tile_block), B)](
-            qkv, grad, context, dctx, delta, stats, cv, dqkv, grad if dcv is None else dcv, N, C, Ch, h, ctx.scale,
-            qkv.stride(0), qkv.stride(1), grad.stride(0), grad.stride(1), cv.stride(0), cv.stride(1),
-            HAS_CRPE=conv_v is not None, D=D, BLOCK_N=cfg.tile_block, num_warps=cfg.tile_warps)
-        return dqkv, dcv, None, None
+        with _device_of(qkv):
+            dctx = torch.empty_like(context)
+            delta = torch.empty(B, h, D, device=qkv.device, dtype=torch.float32)
+            k.context_grad_kernel[(B * h,)](qkv, grad, context, dctx, delta, N, Ch, h, qkv.stride(0), qkv.stride(1),
+                                            grad.stride(0), grad.stride(1), D=D, BLOCK_N=cfg.stream_block,
+                                            num_warps=cfg.stream_warps)
+            dqkv = torch.empty_strided(qkv.shape, qkv.stride(), dtype=qkv.dtype, device=qkv.device)  # qkv's offsets
+            cv = grad if conv_v is None else conv_v
+            dcv = None if conv_v is None else torch.empty_strided(conv_v.shape, conv_v.stride(), dtype=conv_v.dtype,
+                                                                   device=conv_v.device)
+            k.input_grad_kernel[(B * h, triton.cdiv(N, cfg.tile_block))](
+                qkv, grad, context, dctx, delta, stats, cv, dqkv, grad if dcv is None else dcv, N, C, Ch, h, ctx.scale,
+                qkv.stride(0), qkv.stride(1), grad.stride(0), grad.stride(1), cv.stride(0), cv.stride(1),
+                HAS_CRPE=conv_v is not None, D=D, BLOCK_N=cfg.tile_block, num_warps=cfg.tile_warps)
+            return dqkv, dcv, None, None

@@ -225,10 +225,12 @@ class FactorAttnConvRelPosEnc(nn.Module):
             qkv = self.qkv(x)  # (B, N, 3C)
             conv_v = None if crpe is None else crpe.conv_tokens(qkv[..., 2 * C:], size)
             try:
-                return self.proj(kernels.factor_attention(qkv, h, self.scale, conv_v))
+                out = kernels.factor_attention(qkv, h, self.scale, conv_v)
             except Exception as e:  # by default a failed kernel launch warns once, then the eager ops below run
                 if not kernels.fall_back(e):
                     raise
+            else:
+                return self.proj(out)
         q, k, v = self.qkv(x).unflatten(-1, (3, C)).unbind(2)  # (B, N, C) views, heads side by side
         k = k.softmax(dim=1)  # (B, N, C); softmax over all N tokens per channel
         if C // h >= self.per_head_min_channels:
