@@ -153,7 +153,7 @@ def run_info(args) -> int:
 _TRAIN_HELP = {
     "model": "model name (`coatvit list`)",
     "compile": "torch.compile the training steps (GPU: 2.0x the eager steps for coat_lite_tiny, bf16, H100; "
-               "compiling takes a minute or two first)",
+               "compiling takes a minute or two first; slower on a CPU)",
     "data": "ImageFolder root with train/ and val/ (or one folder + --val-split); omit for the built-in dataset",
     "epochs": "epochs to train (recipe: 300)",
     "batch_size": "batch size per process (global = this x processes x --grad-accum)",
