@@ -95,6 +95,14 @@ def test_peak_memory_of_a_step_is_measured():
     assert 0 <= infer < train  # training keeps activations, gradients and AdamW moments
 
 
+def test_matmul_peak_runs_in_the_autocast_dtype():
+    lines = []
+    rows = benchmark.run_benchmark(benchmark.BenchmarkConfig(**TINY, amp="bfloat16", vs=(), modes=("infer",)),
+                                   log=lines.append)
+    assert "(cpu, bfloat16, 256^3)" in lines[0] and rows[0]["amp"] == "bfloat16"
+    assert rows[0]["matmul_peak_gflops"] > 0
+
+
 def test_cli_benchmark_writes_csv(tmp_path, capsys):
     path = tmp_path / "b.csv"
     code = main(["benchmark", "--model", "coat_test", "--img-size", "32", "--batch-size", "2", "--vs", "reference",
@@ -102,7 +110,7 @@ def test_cli_benchmark_writes_csv(tmp_path, capsys):
                  "--no-memory", "--csv", str(path)])
     assert code == 0
     out = capsys.readouterr().out
-    assert "matmul peak" in out and "ours is" in out
+    assert "matmul peak" in out and "(cpu, float32, 2048^3)" in out and "ours is" in out
     rows = list(csv.DictReader(path.open()))
     assert [r["impl"] for r in rows] == ["ours", "reference"] and rows[0]["train_samples_per_sec"] == ""
 

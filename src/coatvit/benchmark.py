@@ -73,7 +73,9 @@ class BenchmarkConfig:
         warmup: untimed steps before the first repeat (torch.compile compiles here).
         threads: torch CPU threads (None leaves torch's default).
         peak_memory: also measure peak memory (on CPU: peak RSS of a child process running one step).
-        matmul_size: n of the n x n x n fp32 matmul whose FLOP/s is the peak reported beside the model's rate.
+        matmul_size: n of the n x n x n matmul whose FLOP/s is the peak reported beside the model's rate (None:
+            2048 on a CPU, 8192 on a GPU, where smaller products cannot fill the chip). It runs in the autocast
+            dtype (fp32 without `amp`): a bf16 model is compared with the bf16 peak.
         seed: seed of the weights and inputs.
         tuned_allocator: call `coatvit.runtime.tune_cpu_allocator()` first (process-wide: every contender gets
             it, as in the `coatvit` commands); False measures the allocator as a plain Python process has it.
@@ -93,7 +95,7 @@ class BenchmarkConfig:
     warmup: int = 1
     threads: int | None = None
     peak_memory: bool = True
-    matmul_size: int = 2048
+    matmul_size: int | None = None
     seed: int = 0
     tuned_allocator: bool = False
 
@@ -365,8 +367,11 @@ def run_benchmark(cfg: BenchmarkConfig, *, log: Callable[[str], None] = lambda s
         raise ValueError("--tuned-allocator needs glibc's malloc (Linux); this platform has another allocator")
     impls = ["ours", *cfg.vs]
     load_before = os.getloadavg()
-    peak = matmul_peak_flops(cfg.device, n=cfg.matmul_size)
-    log(f"matmul peak {peak / 1e9:.1f} GFLOP/s ({cfg.device}, fp32, {cfg.matmul_size}^3), threads "
+    n = cfg.matmul_size or (8192 if cfg.device.startswith("cuda") else 2048)
+    peak_dtype = AMP_DTYPES[cfg.amp] or torch.float32
+    peak = matmul_peak_flops(cfg.device, n=n, dtype=peak_dtype)
+    dtype_name = str(peak_dtype).removeprefix("torch.")
+    log(f"matmul peak {peak / 1e9:.1f} GFLOP/s ({cfg.device}, {dtype_name}, {n}^3), threads "
         f"{torch.get_num_threads()}, load {_load(load_before)}, allocator {_allocator()}")
     with torch.device("meta"):
         counting = create_model(cfg.model)

@@ -589,7 +589,8 @@ def _add_benchmark(sub):
     p.add_argument("--tuned-allocator", action="store_true",
                    help="keep freed memory for reuse (coatvit.runtime.tune_cpu_allocator, as the other commands do; "
                         "process-wide, so the baselines get it too); default: the allocator as Python has it")
-    p.add_argument("--matmul-size", type=int, default=2048, help="n of the n^3 matmul that measures the peak")
+    p.add_argument("--matmul-size", type=int, default=None,
+                   help="n of the n^3 matmul that measures the peak, in the --amp dtype (default 2048 CPU, 8192 GPU)")
     p.add_argument("--csv", default=None, help="append the rows to this CSV (timm's benchmark column names)")
     add_format(p)
     return p
