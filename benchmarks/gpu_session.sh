@@ -7,6 +7,9 @@
 #   4. ours eager vs ours compiled vs timm compiled, inference and training.
 # Each step has its own time limit, so one slow step cannot starve the rest; the most important come first.
 #     bash benchmarks/gpu_session.sh            (repository root; the project installed, or PYTHONPATH=src)
+# On a machine with torch and triton but no network and no timm 1.0.31: carry its wheel and install it first,
+#     pip install --no-deps --target /tmp/site timm-1.0.31-py3-none-any.whl
+#     PYTHONPATH=/tmp/site:$PWD/src PYTHON=python3 bash benchmarks/gpu_session.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-gpu-results}
