@@ -99,5 +99,6 @@ def main() -> None:
             launch, *times = min(results, key=lambda r: r[col])
             print(f"best for {name} (D {D}), {mode}: {launch} ({eager[col - 1] / times[col - 1]:.2f}x eager)")
 
+
 if __name__ == "__main__":
     main()

@@ -47,7 +47,6 @@ import warnings
 import torch
 
 ENV = "COATVIT_TRITON"
-MODES = ("auto", "on", "off")
 _enabled: bool | None = None  # None: follow the environment variable
 _ENV_VALUES = {"": "auto", "auto": "auto", "1": "on", "true": "on", "yes": "on", "on": "on",
                "0": "off", "false": "off", "no": "off", "off": "off"}
@@ -106,7 +105,8 @@ def fall_back(error: BaseException) -> bool:
     global _auto_failure
     if mode() != "auto" or isinstance(error, torch.OutOfMemoryError):
         return False
-    _auto_failure = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
+    first_line = str(error).strip().split("\n", 1)[0]
+    _auto_failure = f"{type(error).__name__}: {first_line}"
     warnings.warn(f"coatvit: the Triton attention kernels failed ({_auto_failure[:300]}); using the eager attention "
                   f"ops from now on. Set {ENV}=0 to skip them, or {ENV}=1 to see the full error.", RuntimeWarning,
                   stacklevel=2)
