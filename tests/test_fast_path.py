@@ -139,6 +139,42 @@ def test_fast_equals_reference_train_mode_and_gradients(monkeypatch, name, merge
         assert (grads_fast[key] - g_ref).abs().max().item() < 1e-4 * scale, key
 
 
+@pytest.mark.parametrize("name", ["coat_test", "coat_lite_tiny", "coat_tiny"])
+def test_class_token_shortcut_equals_the_full_last_block(name):
+    # forward() computes only the class-token rows of the last block; forward_features() computes every token.
+    model = _model(name, drop_path_rate=0.2).train()
+    x = torch.randn(3, 3, 40, 72)
+    target = torch.randint(0, model.num_classes, (3,))
+    assert model.class_token_shortcut(x)
+    results = []
+    for fn in (model, lambda t: model.forward_head(model.forward_features(t))):
+        model.zero_grad()
+        torch.manual_seed(7)  # the same drop-path masks, drawn in the same order
+        out = fn(x)
+        torch.nn.functional.cross_entropy(out, target).backward()
+        results.append((out.detach(), {k: p.grad.clone() for k, p in model.named_parameters()}))
+    (out_short, grads_short), (out_full, grads_full) = results
+    assert _max_diff(out_short, out_full) < 1e-5
+    assert grads_short.keys() == grads_full.keys()  # every parameter still gets a gradient (DDP needs it)
+    for key, g in grads_full.items():
+        assert (grads_short[key] - g).abs().max().item() < 1e-4 * max(1.0, g.abs().max().item()), key
+
+
+@pytest.mark.parametrize("name,overrides", [
+    ("coat_lite_tiny", {"global_pool": "avg"}),  # the pooled image tokens are read
+    ("coat_lite_tiny", {"serial_depths": (2, 2, 2, 1)}),  # crpe4 serves only the last block
+    ("coat_test", {"parallel_depth": 1, "serial_depths": (1, 0, 1, 1)}),  # crpe2 serves only the last block
+])
+def test_class_token_shortcut_off_where_it_would_change_anything(name, overrides):
+    model = _model(name, **overrides).train()
+    x = torch.randn(2, 3, 64, 64)
+    assert not model.class_token_shortcut(x)
+    model(x).sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
+    model.set_fast_path(False)
+    assert not model.class_token_shortcut(x)
+
+
 def test_drop_path_really_drops_in_train_mode():
     # Guards the test above against passing because drop path never fired.
     fast = _model("coat_test", drop_path_rate=0.5).train()

@@ -103,7 +103,9 @@ def test_forward_intermediates_shapes(models, name):
         only = model.forward_intermediates(x, indices=2, intermediates_only=True)
     assert [tuple(t.shape) for t in inter] == expected
     assert [tuple(t.shape) for t in only] == expected[2:]
-    torch.testing.assert_close(model.forward_head(final), model(x), rtol=0, atol=0)
+    # forward() computes only the class-token rows of the last block (CoaT.class_token_shortcut): the same
+    # logits up to float rounding
+    torch.testing.assert_close(model.forward_head(final), model(x), rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", SMALL)

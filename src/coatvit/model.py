@@ -15,9 +15,11 @@ operations one by one and is bit-identical to them. The fast path (the default) 
 with less memory traffic, which is what CoaT's time goes to on a CPU: the image tokens (B, H*W, C) are read as
 channels-last maps (B, H, W, C) by the convolutions and resizes instead of being transposed to NCHW and back;
 q, k and v stay views of the qkv projection (per-head products only where heads are wide); in inference the
-three CRPE convolutions run as one depthwise conv; and in CPU inference each serial block runs a few images, each
-MLP a few hundred tokens, at a time so that the activations stay in cache. Its float summation order differs, so
-its outputs match the reference to about 1e-6, not bit for bit (tests/test_fast_path.py). On the meta device (MAC
+three CRPE convolutions run as one depthwise conv; in CPU inference each serial block runs a few images, each MLP
+a few hundred tokens, at a time so that the activations stay in cache; and a classifier that pools the class token
+computes only the class-token rows of its last block (`CoaT.class_token_shortcut`: the image tokens there only
+feed k and v). Its float summation order differs, so its outputs match the reference to about 1e-6, not bit for
+bit (tests/test_fast_path.py). On the meta device (MAC
 counting) the reference path runs. Measured, on a CPU the fast path's lead over timm's port comes mostly from
 writing less freshly mapped memory (BENCHMARKS.md, "Where the CPU lead comes from"). On a GPU the attention
 can run as Triton kernels instead, forward and backward (`coatvit.kernels`: by default in CUDA inference).
@@ -246,6 +248,21 @@ class FactorAttnConvRelPosEnc(nn.Module):
             out = crpe.add_to(out, q, v, size)
         return self.proj(out)
 
+    def forward_class_token(self, x: torch.Tensor) -> torch.Tensor:
+        """The class token's output row alone, (B, 1, C), from normed tokens x (B, N, C): k and v of every token,
+        q of the class token only. The CRPE term of the class token is zero, so no convolution runs."""
+        B, N, C = x.shape
+        h = self.num_heads
+        weight, bias = self.qkv.weight, self.qkv.bias  # rows: q, k, v
+        kv = F.linear(x, weight[C:], None if bias is None else bias[C:])  # (B, N, 2C)
+        q = F.linear(x[:, :1], weight[:C], None if bias is None else bias[:C])  # (B, 1, C)
+        k, v = kv.unflatten(-1, (2, C)).unbind(2)  # (B, N, C) views
+        split = (B, N, h, C // h)
+        # (B, h, Ch, N) @ (B, h, N, Ch) -> (B, h, Ch, Ch), scale folded in; softmax over all N tokens
+        context = (k.softmax(dim=1).view(split).permute(0, 2, 3, 1) @ v.reshape(split).transpose(1, 2)) * self.scale
+        out = q.view(B, h, 1, C // h) @ context  # (B, h, 1, Ch)
+        return self.proj(out.reshape(B, 1, C))
+
     # head width from which per-head products beat the masked (C x C) product, attention module alone, 2-core
     # CPU, two runs: 0.80-0.83x at 8 channels, 0.86-1.07x at 16, 1.00-1.30x at 19 (CoaT), 1.26-1.30x at 40,
     # 1.55x at 64 (BENCHMARKS.md)
@@ -331,6 +348,14 @@ class SerialBlock(nn.Module):
         x = x + self.drop_path(self.factoratt_crpe(self.norm1(x), size, crpe))
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
+    def forward_class_token(self, x: torch.Tensor, size: Size, cpe: ConvPosEnc | None) -> torch.Tensor:
+        """The block's class-token row alone, (B, 1, C): all a token-pooling classifier reads from a Lite model's
+        last block. The image tokens still feed k and v; their q, output projection and MLP are skipped."""
+        if cpe is not None:
+            x = cpe(x, size)
+        x = x[:, :1] + self.drop_path(self.factoratt_crpe.forward_class_token(self.norm1(x)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
     def forward_in_chunks(self, x: torch.Tensor, size: Size, cpe: ConvPosEnc | None, crpe: ConvRelPosEnc | None):
         """Inference: the same block, a few images at a time, so each image's activations stay in cache."""
         B, N, C = x.shape
@@ -405,6 +430,28 @@ class ParallelBlock(nn.Module):
         xs = [x + self.drop_path(a) for x, a in zip(xs, mixed)]
         if self.fast_path and in_chunks_ok(xs[0], self):
             return [self.mlp2.residual_in_chunks(x, getattr(self, f"norm2{s}")) for s, x in zip(self.scales, xs)]
+        return [
+            x + self.drop_path(self.mlp2(getattr(self, f"norm2{s}")(x)))
+            for s, x in zip(self.scales, xs)
+        ]
+
+
+    def forward_class_token(self, xs: list[torch.Tensor], sizes: list[Size], cpes: list) -> list[torch.Tensor]:
+        """The class-token rows alone, three (B, 1, C): all a token-pooling classifier reads from the last block.
+        A resize carries the source's class token over unchanged, so the mixed class rows are plain sums."""
+        if cpes[0] is not None:
+            xs = [cpe(x, size) for cpe, x, size in zip(cpes, xs, sizes)]
+        attn = [
+            getattr(self, f"factoratt_crpe{s}").forward_class_token(getattr(self, f"norm1{s}")(x))
+            for s, x in zip(self.scales, xs)
+        ]
+        mixed = []
+        for i, others in enumerate(self.mix_order):
+            a = attn[i]
+            for j in others:
+                a = a + attn[j]
+            mixed.append(a)
+        xs = [x[:, :1] + self.drop_path(a) for x, a in zip(xs, mixed)]
         return [
             x + self.drop_path(self.mlp2(getattr(self, f"norm2{s}")(x)))
             for s, x in zip(self.scales, xs)
@@ -565,15 +612,35 @@ class CoaT(nn.Module):
                 f"input {x.shape[-2]}x{x.shape[-1]} is too small: CoaT needs at least "
                 f"{cfg.min_input_size}x{cfg.min_input_size} pixels (stride 32); resize or pad the images")
 
-    def _call(self, block: nn.Module, *args):
+    def _call(self, block, *args):
+        """Run a block (or one of its methods), checkpointed when gradient checkpointing is on."""
         if self.grad_checkpointing and torch.is_grad_enabled():
             return checkpoint(block, *args, use_reentrant=False)
         return block(*args)
 
-    def forward_scales(self, x: torch.Tensor, num_stages: int = 4) -> tuple[list[torch.Tensor], list[Size]]:
+    # Class-token rows only in the last block (see below): on a 2-core CPU, coat_lite_tiny / coat_tiny inference
+    # at batch 16 1.03x / 1.05x faster (benchmarks/class_token_shortcut.py, BENCHMARKS.md)
+    shortcut_last_block = True
+
+    def class_token_shortcut(self, x: torch.Tensor) -> bool:
+        """Whether `forward` may compute only the class-token rows of the last block: a classifier that pools the
+        class token reads nothing else from it, so the image tokens' q, output projection, CRPE, resizes and MLP
+        there are skipped (same logits, fewer MACs: about 3% of coat_lite_tiny's, 5% of coat_tiny's). Fast path
+        only, and only where every CRPE module still serves another block (else its weights would get no
+        gradient, which DDP rejects)."""
+        cfg = self.config
+        if not self.shortcut_last_block or self.features_only or cfg.global_pool != "token" or not use_fast(self, x):
+            return False
+        if cfg.parallel_depth == 0:
+            return cfg.serial_depths[3] >= (2 if cfg.use_crpe else 1)
+        return not cfg.use_crpe or cfg.parallel_depth >= 2 or min(cfg.serial_depths[1:]) >= 1
+
+    def forward_scales(self, x: torch.Tensor, num_stages: int = 4,
+                       class_token_only: bool = False) -> tuple[list[torch.Tensor], list[Size]]:
         """Serial stages 1..num_stages, then (when all four ran) the parallel blocks.
 
-        Returns the token tensors (B, 1 + H*W, C) of each scale, class token first, and their grid sizes.
+        Returns the token tensors (B, 1 + H*W, C) of each scale, class token first, and their grid sizes. With
+        `class_token_only` (see `class_token_shortcut`) the last block returns only its class-token rows (B, 1, C).
         """
         self.check_input(x)
         B = x.shape[0]
@@ -589,16 +656,23 @@ class CoaT(nn.Module):
             x, size = getattr(self, f"patch_embed{i}")(x)  # (B, H*W, C)
             x = torch.cat((getattr(self, f"cls_token{i}").expand(B, -1, -1), x), dim=1)  # (B, N, C)
             cpe, crpe = getattr(self, f"cpe{i}"), getattr(self, f"crpe{i}")
-            for blk in getattr(self, f"serial_blocks{i}"):
-                x = self._call(blk, x, size, cpe, crpe)
+            blocks = getattr(self, f"serial_blocks{i}")
+            for j, blk in enumerate(blocks):
+                if class_token_only and self.parallel_blocks is None and i == 4 and j == len(blocks) - 1:
+                    x = self._call(blk.forward_class_token, x, size, cpe)
+                else:
+                    x = self._call(blk, x, size, cpe, crpe)
             xs.append(x)
             sizes.append(size)
         if self.parallel_blocks is not None and num_stages == 4:
             cpes = [self.cpe2, self.cpe3, self.cpe4]
             crpes = [self.crpe2, self.crpe3, self.crpe4]
             scales = xs[1:]
-            for blk in self.parallel_blocks:
-                scales = self._call(blk, scales, sizes[1:], cpes, crpes)
+            for j, blk in enumerate(self.parallel_blocks):
+                if class_token_only and j == len(self.parallel_blocks) - 1:
+                    scales = self._call(blk.forward_class_token, scales, sizes[1:], cpes)
+                else:
+                    scales = self._call(blk, scales, sizes[1:], cpes, crpes)
             xs = xs[:1] + list(scales)
         return xs, sizes
 
@@ -606,7 +680,9 @@ class CoaT(nn.Module):
         """CoaT-Lite: normed tokens of scale 4 (B, N4, C). CoaT: normed tokens of scales 2-4, a list of three."""
         if self.features_only:
             raise RuntimeError("forward_features needs the final norms; this is a features_only backbone")
-        xs, _ = self.forward_scales(x)
+        return self.final_norms(self.forward_scales(x)[0])
+
+    def final_norms(self, xs: list[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
         if self.parallel_blocks is None:
             return self.norm4(xs[3])
         return [self.norm2(xs[1]), self.norm3(xs[2]), self.norm4(xs[3])]
@@ -664,4 +740,7 @@ class CoaT(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         if self.features_only:
             return self.forward_intermediates(x, self.out_indices, stop_early=True, intermediates_only=True)
+        if self.class_token_shortcut(x):
+            xs, _ = self.forward_scales(x, class_token_only=True)
+            return self.forward_head(self.final_norms(xs))
         return self.forward_head(self.forward_features(x))

@@ -1,0 +1,90 @@
+"""The class-token shortcut: the last block computes only the class-token rows a token-pooling classifier reads.
+
+`CoaT.forward` skips the image tokens' q, output projection, CRPE, resizes and MLP in the last block (serial
+block 4 of a Lite model, the last parallel block of CoaT) when the head pools the class token
+(`CoaT.class_token_shortcut`). This script times the model with and without it (`CoaT.shortcut_last_block`),
+interleaved in one process, tuned allocator, median of `--repeats`; inference at the given batch, batch-1 latency
+and training steps (forward, cross-entropy, backward, AdamW):
+
+    python benchmarks/class_token_shortcut.py --models coat_lite_tiny:16 coat_tiny:16 --modes infer latency train
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+
+import torch
+import torch.nn.functional as F
+
+import coatvit
+from coatvit.benchmark import BenchmarkConfig, time_interleaved
+from coatvit.model import CoaT
+
+
+def step_fn(model: CoaT, mode: str, batch: int, size: int):
+    x = torch.randn(1 if mode == "latency" else batch, 3, size, size)
+    if mode != "train":
+        model.eval()
+
+        def infer():
+            with torch.inference_mode():
+                model(x)
+
+        return infer
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters())
+    target = torch.randint(0, model.num_classes, (x.shape[0],))
+
+    def train():
+        loss = F.cross_entropy(model(x), target)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    return train
+
+
+def time_both(name: str, mode: str, batch: int, size: int, repeats: int) -> dict[bool, list[float]]:
+    torch.manual_seed(0)
+    model = coatvit.create_model(name)
+    step = step_fn(model, mode, batch, size)
+
+    def run(shortcut: bool):
+        CoaT.shortcut_last_block = shortcut
+        step()
+
+    steps = 10 if mode == "latency" else 1 if mode == "train" else 2
+    try:
+        return time_interleaved({True: lambda: run(True), False: lambda: run(False)},
+                                BenchmarkConfig(repeats=repeats, steps=steps, warmup=1))
+    finally:
+        CoaT.shortcut_last_block = True
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["coat_lite_tiny:16", "coat_tiny:16"], help="NAME:BATCH")
+    parser.add_argument("--modes", nargs="+", default=["infer", "latency", "train"],
+                        choices=["infer", "latency", "train"])
+    parser.add_argument("--img-size", type=int, default=224)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=7)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    coatvit.tune_cpu_allocator()
+    print(f"torch {torch.__version__}, {args.threads} threads, {args.img_size} px, median of {args.repeats}")
+    print("| model | mode | batch | with shortcut (ms) | without (ms) | speedup: median of per-repeat ratios (min-max) |")
+    print("|---|---|---|---|---|---|")
+    for spec in args.models:
+        name, batch = spec.split(":")
+        for mode in args.modes:
+            t = time_both(name, mode, int(batch), args.img_size, args.repeats)
+            ratios = [b / a for a, b in zip(t[True], t[False])]
+            print(f"| {name} | {mode} | {1 if mode == 'latency' else batch} | {statistics.median(t[True]) * 1e3:.1f} "
+                  f"| {statistics.median(t[False]) * 1e3:.1f} | {statistics.median(ratios):.3f}x "
+                  f"({min(ratios):.3f}-{max(ratios):.3f}) |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
