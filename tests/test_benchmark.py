@@ -34,6 +34,7 @@ def keep_threads():
     (dict(amp="fp8"), "amp must be"),
     (dict(batch_size=0), "must be >= 1"),
     (dict(img_size=(32,)), "img_size must be"),
+    (dict(freeze=True, vs=("timm",)), "--freeze applies to compiled models"),
 ])
 def test_config_rejects_bad_values(bad, message):
     with pytest.raises(ValueError, match=message):
@@ -119,11 +120,29 @@ def test_cli_benchmark_writes_csv(tmp_path, capsys):
     ["--vs", "tim"],
     ["--img-size", "16"],
     ["--model", "coat_nope"],
+    ["--freeze"],
 ])
 def test_cli_benchmark_bad_input_exits_2(args, capsys):
     assert main(["benchmark", "--model", "coat_test", "--no-memory", *args]) == 2
     err = capsys.readouterr().err
     assert err.startswith("coatvit benchmark: error:") and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("freeze", [False, True])
+def test_freeze_makes_the_weights_constants_of_the_compiled_inference_graph(freeze):
+    # Frozen, a weight changed after compiling no longer reaches the output (what --freeze means for deployment);
+    # not frozen, it does. A one-layer model keeps inductor's C++ build short.
+    torch._dynamo.reset()  # no graph cached from another test (Dynamo would reuse it for this module)
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(8, 4)
+    compiled = benchmark.compile_model(layer, benchmark.BenchmarkConfig(**{**TINY, "compile": True, "freeze": freeze}))
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        before = compiled(x)
+        torch.testing.assert_close(before, layer(x))
+        layer.bias.add_(1.0)
+        after = compiled(x)
+    torch.testing.assert_close(after, before if freeze else before + 1.0)
 
 
 def test_ours_ckpt_contender_checkpoints_and_keeps_fewer_activations():

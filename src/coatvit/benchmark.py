@@ -44,7 +44,7 @@ CSV_COLUMNS = (
     "infer_gmacs", "param_count", "infer_speedup", "infer_spread", "latency_step_time", "latency_speedup",
     "latency_spread", "train_samples_per_sec", "train_step_time", "train_batch_size", "train_img_size",
     "train_speedup", "train_spread", "infer_peak_mem_mb", "train_peak_mem_mb", "mac_fraction_of_matmul_peak",
-    "matmul_peak_gflops", "device", "threads", "amp", "channels_last", "compile", "repeats", "load_before",
+    "matmul_peak_gflops", "device", "threads", "amp", "channels_last", "compile", "freeze", "repeats", "load_before",
     "load_after", "torch", "timm", "cpu", "allocator", "infer_page_faults", "latency_page_faults",
     "train_page_faults",
 )
@@ -62,6 +62,9 @@ class BenchmarkConfig:
         amp: autocast dtype ('none', 'bfloat16', 'float16'); weights stay fp32.
         channels_last: channels-last model and input (both implementations).
         compile: torch.compile our model (baselines keep their own setting: `timm-compile` compiles timm's).
+        freeze: compile inference with inductor's freezing (every compiled contender alike): the weights become
+            constants of the graph, folded and, on a CPU, pre-packed for oneDNN. For deployment, where the weights
+            no longer change; graphs that need gradients (training) ignore it.
         vs: baselines measured against ours, each interleaved with it: 'timm', 'timm-compile', 'reference'
             (our reference path), 'ours-compile', 'ours-ckpt' (ours with gradient checkpointing: the training
             speed and peak memory it trades), 'ours-triton' (ours with the Triton attention kernels of
@@ -88,6 +91,7 @@ class BenchmarkConfig:
     amp: str = "none"
     channels_last: bool = False
     compile: bool = False
+    freeze: bool = False
     vs: tuple[str, ...] = ("timm",)
     modes: tuple[str, ...] = MODES
     repeats: int = 5
@@ -123,6 +127,9 @@ class BenchmarkConfig:
             raise ValueError("batch_size, repeats and steps must be >= 1 and warmup >= 0")
         if len(self.img_size) != 2 or min(self.img_size) < 1:
             raise ValueError(f"img_size must be (H, W) with positive sides, got {self.img_size}")
+        if self.freeze and not (self.compile or any(v.endswith("-compile") for v in self.vs)):
+            raise ValueError("--freeze applies to compiled models, and none is measured: add --compile or a "
+                             "-compile baseline (e.g. --vs timm ours-compile)")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -150,8 +157,30 @@ def build_model(impl: str, cfg: BenchmarkConfig) -> nn.Module:
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if impl.endswith("-compile") or (impl == "ours" and cfg.compile):
-        model = torch.compile(model, dynamic=False)
+        model = compile_model(model, cfg)
     return model
+
+
+def compile_model(model: nn.Module, cfg: BenchmarkConfig) -> nn.Module:
+    """torch.compile for fixed shapes; with `cfg.freeze`, inductor's freezing for graphs without gradients."""
+    compiled = torch.compile(model, dynamic=False)
+    return Frozen(compiled) if cfg.freeze else compiled
+
+
+class Frozen(nn.Module):
+    """Calls a compiled module with inductor's freezing on, so that the graphs compiled on those calls have it.
+    (Passed as `torch.compile(options=...)`, torch 2.14 compiles without it; the global setting would also reach
+    compiled contenders that did not ask for it.)"""
+
+    def __init__(self, compiled: nn.Module):
+        super().__init__()
+        self.compiled = compiled
+
+    def forward(self, *args, **kwargs):
+        from torch._inductor import config as inductor_config
+
+        with inductor_config.patch(freezing=True):
+            return self.compiled(*args, **kwargs)
 
 
 def _timm_model(name: str, config, img_size: tuple[int, int]) -> nn.Module:
@@ -430,9 +459,9 @@ def _environment(cfg: BenchmarkConfig, peak: float, load_before, load_after) -> 
         timm_version = ""
     return {
         "matmul_peak_gflops": round(peak / 1e9, 1), "device": cfg.device, "threads": torch.get_num_threads(),
-        "amp": cfg.amp, "channels_last": cfg.channels_last, "compile": cfg.compile, "repeats": cfg.repeats,
-        "load_before": _load(load_before), "load_after": _load(load_after), "torch": torch.__version__,
-        "timm": timm_version, "cpu": _cpu_name(cfg.device), "allocator": _allocator(),
+        "amp": cfg.amp, "channels_last": cfg.channels_last, "compile": cfg.compile, "freeze": cfg.freeze,
+        "repeats": cfg.repeats, "load_before": _load(load_before), "load_after": _load(load_after),
+        "torch": torch.__version__, "timm": timm_version, "cpu": _cpu_name(cfg.device), "allocator": _allocator(),
     }
 
 
