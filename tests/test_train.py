@@ -285,6 +285,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _without_key_bias(name: str, t: torch.Tensor) -> torch.Tensor:
+    """A qkv bias without its k third. The softmax over tokens ignores a per-channel shift of k, so that third's
+    gradient is zero up to rounding, and AdamW, which divides by the gradient's own scale, walks it on rounding
+    noise: two runs that round differently (a batch of 16, or two ranks of 8) drift apart there and only there."""
+    if not name.endswith("qkv.bias"):
+        return t
+    q, _, v = t.chunk(3)
+    return torch.cat((q, v))
+
+
 @pytest.mark.parametrize("per_rank, accum, compiled", [(8, 1, False), (4, 2, True)], ids=["eager", "compiled-accum"])
 def test_two_process_gloo_ddp_matches_a_single_process(tmp_path, per_rank, accum, compiled):
     # 2 ranks x per_rank x accum = the single process's batch of 16; the compiled case runs DDP's no_sync through
@@ -320,6 +330,6 @@ def test_two_process_gloo_ddp_matches_a_single_process(tmp_path, per_rank, accum
     ref = single["model"].state_dict()
     assert load_checkpoint(tmp_path / "one" / "run" / "last.pth")["step"] == 8
     for k in ref:
-        assert torch.allclose(r0[k], ref[k], rtol=1e-4, atol=1e-5), k
+        assert torch.allclose(_without_key_bias(k, r0[k]), _without_key_bias(k, ref[k]), rtol=1e-4, atol=1e-5), k
     rows = read_csv(tmp_path / "ddp" / "run" / "summary.csv")
     assert len(rows) == 2 and math.isclose(float(rows[-1]["eval_top1"]), single["eval_top1"], abs_tol=3.2)
