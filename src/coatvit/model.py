@@ -19,10 +19,10 @@ three CRPE convolutions run as one depthwise conv; in CPU inference each serial 
 a few hundred tokens, at a time so that the activations stay in cache; and a classifier that pools the class token
 computes only the class-token rows of its last block (`CoaT.class_token_shortcut`: the image tokens there only
 feed k and v). Its float summation order differs, so its outputs match the reference to about 1e-6, not bit for
-bit (tests/test_fast_path.py). On the meta device (MAC
-counting) the reference path runs. Measured, on a CPU the fast path's lead over timm's port comes mostly from
-writing less freshly mapped memory (BENCHMARKS.md, "Where the CPU lead comes from"). On a GPU the attention
-can run as Triton kernels instead, forward and backward (`coatvit.kernels`: by default in CUDA inference).
+bit (tests/test_fast_path.py). On the meta device (MAC counting) the reference path runs. Measured, on a CPU the
+fast path's lead over timm's port comes mostly from writing less freshly mapped memory (BENCHMARKS.md, "Where the
+CPU lead comes from"). On a GPU the attention can run as Triton kernels instead, forward and backward
+(`coatvit.kernels`: by default in CUDA inference).
 """
 
 from __future__ import annotations
@@ -435,7 +435,6 @@ class ParallelBlock(nn.Module):
             for s, x in zip(self.scales, xs)
         ]
 
-
     def forward_class_token(self, xs: list[torch.Tensor], sizes: list[Size], cpes: list) -> list[torch.Tensor]:
         """The class-token rows alone, three (B, 1, C): all a token-pooling classifier reads from the last block.
         A resize carries the source's class token over unchanged, so the mixed class rows are plain sums."""
@@ -618,8 +617,8 @@ class CoaT(nn.Module):
             return checkpoint(block, *args, use_reentrant=False)
         return block(*args)
 
-    # Class-token rows only in the last block (see below): on a 2-core CPU, coat_lite_tiny / coat_tiny inference
-    # at batch 16 1.03x / 1.05x faster (benchmarks/class_token_shortcut.py, BENCHMARKS.md)
+    # Class-token rows only in the last block (see below): on a 2-core CPU, batch 16, coat_tiny inference 1.08x and
+    # training 1.10x faster, coat_lite_tiny within the noise (benchmarks/class_token_shortcut.py, BENCHMARKS.md)
     shortcut_last_block = True
 
     def class_token_shortcut(self, x: torch.Tensor) -> bool:
