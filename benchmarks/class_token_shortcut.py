@@ -11,7 +11,6 @@ and training steps (forward, cross-entropy, backward, AdamW):
 
 from __future__ import annotations
 
-import argparse
 import statistics
 
 import torch
@@ -20,6 +19,8 @@ import torch.nn.functional as F
 import coatvit
 from coatvit.benchmark import BenchmarkConfig, time_interleaved
 from coatvit.model import CoaT
+
+import _ab
 
 
 def step_fn(model: CoaT, mode: str, batch: int, size: int):
@@ -63,23 +64,16 @@ def time_both(name: str, mode: str, batch: int, size: int, repeats: int) -> dict
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=["coat_lite_tiny:16", "coat_tiny:16"], help="NAME:BATCH")
+    parser = _ab.parser(__doc__.splitlines()[0], ["coat_lite_tiny:16", "coat_tiny:16"], repeats=7)
     parser.add_argument("--modes", nargs="+", default=["infer", "latency", "train"],
                         choices=["infer", "latency", "train"])
-    parser.add_argument("--img-size", type=int, default=224)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=7)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    coatvit.tune_cpu_allocator()
-    print(f"torch {torch.__version__}, {args.threads} threads, {args.img_size} px, median of {args.repeats}")
+    models = _ab.start(args)
     print("| model | mode | batch | with shortcut (ms) | without (ms) | speedup: median of per-repeat ratios (min-max) |")
     print("|---|---|---|---|---|---|")
-    for spec in args.models:
-        name, batch = spec.split(":")
+    for name, batch in models:
         for mode in args.modes:
-            t = time_both(name, mode, int(batch), args.img_size, args.repeats)
+            t = time_both(name, mode, batch, args.img_size, args.repeats)
             ratios = [b / a for a, b in zip(t[True], t[False])]
             print(f"| {name} | {mode} | {1 if mode == 'latency' else batch} | {statistics.median(t[True]) * 1e3:.1f} "
                   f"| {statistics.median(t[False]) * 1e3:.1f} | {statistics.median(ratios):.3f}x "

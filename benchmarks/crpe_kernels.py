@@ -9,7 +9,6 @@ ways, interleaved in one process, tuned allocator, median of `--repeats`:
 
 from __future__ import annotations
 
-import argparse
 import statistics
 
 import torch
@@ -18,6 +17,8 @@ import torch.nn.functional as F
 import coatvit
 from coatvit.benchmark import BenchmarkConfig, time_interleaved
 from coatvit.model import ConvRelPosEnc
+
+import _ab
 
 
 def train_steps(name: str, batch: int, size: int, repeats: int) -> dict[bool, float]:
@@ -46,20 +47,12 @@ def train_steps(name: str, batch: int, size: int, repeats: int) -> dict[bool, fl
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=["coat_lite_tiny:16", "coat_tiny:8"], help="NAME:BATCH")
-    parser.add_argument("--img-size", type=int, default=224)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=5)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    coatvit.tune_cpu_allocator()
-    print(f"torch {torch.__version__}, {args.threads} threads, {args.img_size} px, median of {args.repeats}")
+    args = _ab.parser(__doc__.splitlines()[0], ["coat_lite_tiny:16", "coat_tiny:8"], repeats=5).parse_args()
+    models = _ab.start(args)
     print("| model | batch | per-window kernels (ms/step) | merged 7x7 (ms/step) | per-window faster by |")
     print("|---|---|---|---|---|")
-    for spec in args.models:
-        name, batch = spec.split(":")
-        t = train_steps(name, int(batch), args.img_size, args.repeats)
+    for name, batch in models:
+        t = train_steps(name, batch, args.img_size, args.repeats)
         print(f"| {name} | {batch} | {t[False] * 1e3:.0f} | {t[True] * 1e3:.0f} | {t[True] / t[False]:.3f}x |",
               flush=True)
 

@@ -93,18 +93,37 @@ def test_chunked_inference_with_many_chunks(monkeypatch):
     assert len(calls) == sum(model.config.serial_depths)  # every serial block took the chunked path
 
 
-def test_mlp_in_several_token_chunks(monkeypatch):
+@pytest.mark.parametrize("in_place", [True, False], ids=["in-place", "layers"])
+def test_mlp_in_several_token_chunks(monkeypatch, in_place):
     # At most 1000 rows per MLP chunk (coat_tiny's hidden width is 608): the 1278 stage-1 tokens of 3 images run
     # as 1000 + 278 rows, and the chunks give the reference logits.
     monkeypatch.setattr(model_module.Mlp, "chunk_elements", 1000 * 608)
+    monkeypatch.setattr(model_module.Mlp, "in_place_chunks", in_place)
     rows = []
-    forward = model_module.Mlp.forward
-    monkeypatch.setattr(model_module.Mlp, "forward", lambda self, x: rows.append(x.shape[0]) or forward(self, x))
+    norm = torch.nn.LayerNorm.forward
+    monkeypatch.setattr(torch.nn.LayerNorm, "forward", lambda self, x: (x.ndim == 2 and rows.append(x.shape[0]))
+                        or norm(self, x))  # the MLP's norm sees (rows, C) chunks, every other norm (B, N, C)
     model = _model("coat_tiny").eval()
     x = torch.randn(3, 3, *SIZE)
     with torch.no_grad():
         assert _max_diff(*_both(model, lambda m: m(x))) < 1e-5
     assert rows[:2] == [1000, 278]  # the first serial block's MLP on the fast path
+
+
+@pytest.mark.parametrize("name", ["coat_lite_tiny", "coat_tiny"])
+def test_in_place_mlp_chunks_are_bit_identical_to_calling_the_layers(monkeypatch, name):
+    monkeypatch.setattr(model_module.Mlp, "chunk_elements", 300 * 512)  # several chunks per MLP, a short last one
+    model = _model(name).eval()
+    x = torch.randn(3, 3, *SIZE)
+    outputs = []
+    for in_place in (True, False):
+        monkeypatch.setattr(model_module.Mlp, "in_place_chunks", in_place)
+        with torch.inference_mode():
+            outputs.append(model(x))
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+            outputs.append(model(x))  # out= calls escape autocast, so under it the layers run either way
+    assert torch.equal(outputs[0], outputs[2]) and torch.equal(outputs[1], outputs[3])
+    assert outputs[1].dtype == torch.bfloat16 and not torch.equal(outputs[0], outputs[1].float())
 
 
 def test_fast_path_with_autograd_in_eval_mode():

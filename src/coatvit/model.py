@@ -290,6 +290,10 @@ class Mlp(nn.Module):
     # start-up stays small (the fastest of 2, 4 and 8 MiB on the 2-core development machine, 1 and 2 threads)
     chunk_elements = 1 << 20
 
+    # Chunks reuse one hidden buffer, take GELU in place and write fc2 straight into the output (the same kernels,
+    # bit-identical); measured against calling the layers per chunk: benchmarks/mlp_chunks.py, BENCHMARKS.md
+    in_place_chunks = True
+
     def residual_in_chunks(self, x: torch.Tensor, norm: nn.LayerNorm) -> torch.Tensor:
         """Inference only: x + MLP(norm(x)), a few hundred tokens at a time.
 
@@ -299,9 +303,19 @@ class Mlp(nn.Module):
         flat = x.reshape(-1, x.shape[-1])  # (B*N, C)
         out = torch.empty_like(flat)
         rows = max(256, self.chunk_elements // self.fc1.out_features)
+        if not self.in_place_chunks or torch.is_autocast_enabled(x.device.type):
+            # autocast does not reach out= calls: under it the layers run as themselves
+            for i in range(0, flat.shape[0], rows):
+                chunk = flat[i:i + rows]
+                torch.add(chunk, self(norm(chunk)), out=out[i:i + rows])
+            return out.view_as(x)
+        hidden = flat.new_empty(min(rows, flat.shape[0]), self.fc1.out_features)  # (rows, hidden), reused
+        w1, w2 = self.fc1.weight.t(), self.fc2.weight.t()
         for i in range(0, flat.shape[0], rows):
             chunk = flat[i:i + rows]
-            torch.add(chunk, self(norm(chunk)), out=out[i:i + rows])
+            h = torch.addmm(self.fc1.bias, norm(chunk), w1, out=hidden[:chunk.shape[0]])  # F.linear's own kernel
+            torch.ops.aten.gelu_(h, approximate=self.act.approximate)
+            torch.addmm(self.fc2.bias, h, w2, out=out[i:i + rows]).add_(chunk)  # fc2 + residual, in the output
         return out.view_as(x)
 
 

@@ -1,0 +1,27 @@
+"""Shared command line of the A/B scripts that time one model-level switch on a CPU (crpe_kernels.py,
+class_token_shortcut.py, mlp_chunks.py): models as NAME:BATCH, image size, threads, repeats."""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+import coatvit
+
+
+def parser(description: str, models: list[str], repeats: int) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--models", nargs="+", default=models, help="NAME:BATCH")
+    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=repeats)
+    return p
+
+
+def start(args: argparse.Namespace) -> list[tuple[str, int]]:
+    """Threads and the tuned allocator set, a header printed; returns the (name, batch) pairs."""
+    torch.set_num_threads(args.threads)
+    coatvit.tune_cpu_allocator()
+    print(f"torch {torch.__version__}, {args.threads} threads, {args.img_size} px, median of {args.repeats}")
+    return [(spec.split(":")[0], int(spec.split(":")[1])) for spec in args.models]
