@@ -14,42 +14,18 @@ from __future__ import annotations
 import statistics
 
 import torch
-import torch.nn.functional as F
 
 import coatvit
-from coatvit.benchmark import BenchmarkConfig, time_interleaved
+from coatvit.benchmark import BenchmarkConfig, make_step, time_interleaved
 from coatvit.model import CoaT
 
 import _ab
 
 
-def step_fn(model: CoaT, mode: str, batch: int, size: int):
-    x = torch.randn(1 if mode == "latency" else batch, 3, size, size)
-    if mode != "train":
-        model.eval()
-
-        def infer():
-            with torch.inference_mode():
-                model(x)
-
-        return infer
-    model.train()
-    optimizer = torch.optim.AdamW(model.parameters())
-    target = torch.randint(0, model.num_classes, (x.shape[0],))
-
-    def train():
-        loss = F.cross_entropy(model(x), target)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-
-    return train
-
-
 def time_both(name: str, mode: str, batch: int, size: int, repeats: int) -> dict[bool, list[float]]:
     torch.manual_seed(0)
     model = coatvit.create_model(name)
-    step = step_fn(model, mode, batch, size)
+    step = make_step(mode, model, BenchmarkConfig(model=name, batch_size=batch, img_size=(size, size)))
 
     def run(shortcut: bool):
         CoaT.shortcut_last_block = shortcut

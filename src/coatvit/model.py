@@ -236,10 +236,8 @@ class FactorAttnConvRelPosEnc(nn.Module):
         q, k, v = self.qkv(x).unflatten(-1, (3, C)).unbind(2)  # (B, N, C) views, heads side by side
         k = k.softmax(dim=1)  # (B, N, C); softmax over all N tokens per channel
         if C // h >= self.per_head_min_channels:
-            split = (B, N, h, C // h)
-            # (B, h, Ch, N) @ (B, h, N, Ch) -> (B, h, Ch, Ch), the 1/sqrt(Ch) scale of the factorized term folded in
-            context = (k.view(split).permute(0, 2, 3, 1) @ v.reshape(split).transpose(1, 2)) * self.scale
-            out = (q.reshape(split).transpose(1, 2) @ context).transpose(1, 2).reshape(B, N, C)  # (B, N, C)
+            context = self.head_context(k, v)
+            out = (q.reshape(B, N, h, C // h).transpose(1, 2) @ context).transpose(1, 2).reshape(B, N, C)  # (B, N, C)
         else:
             context = k.transpose(1, 2) @ v  # (B, C, C)
             # block-diagonal (head i only sees head i), with the scale folded in
@@ -257,11 +255,16 @@ class FactorAttnConvRelPosEnc(nn.Module):
         kv = F.linear(x, weight[C:], None if bias is None else bias[C:])  # (B, N, 2C)
         q = F.linear(x[:, :1], weight[:C], None if bias is None else bias[:C])  # (B, 1, C)
         k, v = kv.unflatten(-1, (2, C)).unbind(2)  # (B, N, C) views
-        split = (B, N, h, C // h)
-        # (B, h, Ch, N) @ (B, h, N, Ch) -> (B, h, Ch, Ch), scale folded in; softmax over all N tokens
-        context = (k.softmax(dim=1).view(split).permute(0, 2, 3, 1) @ v.reshape(split).transpose(1, 2)) * self.scale
-        out = q.view(B, h, 1, C // h) @ context  # (B, h, 1, Ch)
+        out = q.view(B, h, 1, C // h) @ self.head_context(k.softmax(dim=1), v)  # (B, h, 1, Ch)
         return self.proj(out.reshape(B, 1, C))
+
+    def head_context(self, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Per head softmax(K)^T V with the 1/sqrt(Ch) scale of the factorized term folded in: (B, h, Ch, Ch) from
+        the softmaxed k and from v, (B, N, C) each, heads side by side in the channels."""
+        B, N, C = k.shape
+        split = (B, N, self.num_heads, C // self.num_heads)
+        # (B, h, Ch, N) @ (B, h, N, Ch) -> (B, h, Ch, Ch)
+        return (k.reshape(split).permute(0, 2, 3, 1) @ v.reshape(split).transpose(1, 2)) * self.scale
 
     # head width from which per-head products beat the masked (C x C) product, attention module alone, 2-core
     # CPU, two runs: 0.80-0.83x at 8 channels, 0.86-1.07x at 16, 1.00-1.30x at 19 (CoaT), 1.26-1.30x at 40,
@@ -433,14 +436,8 @@ class ParallelBlock(nn.Module):
             getattr(self, f"factoratt_crpe{s}")(getattr(self, f"norm1{s}")(x), size, crpe)
             for s, x, size, crpe in zip(self.scales, xs, sizes, crpes)
         ]
-        # a_s' = a_s + resize(a_t -> grid of s) + resize(a_u -> grid of s), summed in the authors' order
         resize = resize_tokens_fast if use_fast(self, xs[0]) else resize_tokens
-        mixed = []
-        for i, others in enumerate(self.mix_order):
-            a = attn[i]
-            for j in others:
-                a = a + resize(attn[j], sizes[j], sizes[i])
-            mixed.append(a)
+        mixed = self.mix(attn, lambda a, j, i: resize(a, sizes[j], sizes[i]))
         xs = [x + self.drop_path(a) for x, a in zip(xs, mixed)]
         if self.fast_path and in_chunks_ok(xs[0], self):
             return [self.mlp2.residual_in_chunks(x, getattr(self, f"norm2{s}")) for s, x in zip(self.scales, xs)]
@@ -448,6 +445,17 @@ class ParallelBlock(nn.Module):
             x + self.drop_path(self.mlp2(getattr(self, f"norm2{s}")(x)))
             for s, x in zip(self.scales, xs)
         ]
+
+    def mix(self, attn: list[torch.Tensor], resize) -> list[torch.Tensor]:
+        """a_s' = a_s + resize(a_t -> grid of s) + resize(a_u -> grid of s), summed in the authors' order;
+        `resize(a, j, i)` brings scale j's tokens to scale i's grid."""
+        mixed = []
+        for i, others in enumerate(self.mix_order):
+            a = attn[i]
+            for j in others:
+                a = a + resize(attn[j], j, i)
+            mixed.append(a)
+        return mixed
 
     def forward_class_token(self, xs: list[torch.Tensor], sizes: list[Size], cpes: list) -> list[torch.Tensor]:
         """The class-token rows alone, three (B, 1, C): all a token-pooling classifier reads from the last block.
@@ -458,13 +466,7 @@ class ParallelBlock(nn.Module):
             getattr(self, f"factoratt_crpe{s}").forward_class_token(getattr(self, f"norm1{s}")(x))
             for s, x in zip(self.scales, xs)
         ]
-        mixed = []
-        for i, others in enumerate(self.mix_order):
-            a = attn[i]
-            for j in others:
-                a = a + attn[j]
-            mixed.append(a)
-        xs = [x[:, :1] + self.drop_path(a) for x, a in zip(xs, mixed)]
+        xs = [x[:, :1] + self.drop_path(a) for x, a in zip(xs, self.mix(attn, lambda a, j, i: a))]
         return [
             x + self.drop_path(self.mlp2(getattr(self, f"norm2{s}")(x)))
             for s, x in zip(self.scales, xs)
