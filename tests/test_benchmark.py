@@ -35,6 +35,8 @@ def keep_threads():
     (dict(batch_size=0), "must be >= 1"),
     (dict(img_size=(32,)), "img_size must be"),
     (dict(freeze=True, vs=("timm",)), "--freeze applies to compiled models"),
+    (dict(compile_mode="max-autotune", vs=("timm",)), "--compile-mode applies to compiled models"),
+    (dict(compile=True, compile_mode="fastest"), "compile mode must be one of"),
 ])
 def test_config_rejects_bad_values(bad, message):
     with pytest.raises(ValueError, match=message):
@@ -134,6 +136,7 @@ def test_cli_benchmark_writes_csv(tmp_path, capsys):
     ["--img-size", "16"],
     ["--model", "coat_nope"],
     ["--freeze"],
+    ["--compile-mode", "max-autotune"],
 ])
 def test_cli_benchmark_bad_input_exits_2(args, capsys):
     assert main(["benchmark", "--model", "coat_test", "--no-memory", *args]) == 2
@@ -156,6 +159,18 @@ def test_freeze_makes_the_weights_constants_of_the_compiled_inference_graph(free
         layer.bias.add_(1.0)
         after = compiled(x)
     torch.testing.assert_close(after, before if freeze else before + 1.0)
+
+
+def test_compile_mode_reaches_torch_compile_for_every_compiled_contender(monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: calls.append(kw) or model)
+    cfg = benchmark.BenchmarkConfig(**{**TINY, "compile": True, "compile_mode": "max-autotune",
+                                       "vs": ("ours-compile", "reference")})
+    for impl in ("ours", "ours-compile", "reference"):
+        benchmark.build_model(impl, cfg)
+    assert calls == [dict(dynamic=False, mode="max-autotune")] * 2
+    benchmark.build_model("ours", benchmark.BenchmarkConfig(**{**TINY, "compile": True}))
+    assert calls[-1] == dict(dynamic=False, mode=None)
 
 
 def test_ours_ckpt_contender_checkpoints_and_keeps_fewer_activations():

@@ -298,3 +298,29 @@ def test_fast_path_compiles_once_for_every_input_size():
     assert counters["stats"]["unique_graphs"] == 1
     assert not counters["recompiles"]
     torch._dynamo.reset()
+
+
+def test_class_token_row_compiles_correctly_with_freezing_and_max_autotune():
+    # Inductor's C++ GEMM template (mode="max-autotune" with freezing, torch 2.14) drops the storage offset of a
+    # frozen weight slice such as qkv.weight[C:]; compiled, the class-token row therefore projects with the whole
+    # qkv weight and slices the activations instead. A single attention module keeps the C++ build short.
+    import torch._dynamo
+    from torch._inductor import config as inductor_config
+
+    class ClassTokenRow(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = model_module.FactorAttnConvRelPosEnc(64, 8)
+
+        def forward(self, x):
+            return self.attn.forward_class_token(x)
+
+    torch.manual_seed(0)
+    module = ClassTokenRow().eval()
+    x = torch.randn(2, 50, 64)
+    torch._dynamo.reset()
+    with torch.inference_mode(), inductor_config.patch(freezing=True):
+        expected = module(x)
+        compiled = torch.compile(module, mode="max-autotune", fullgraph=True)(x)
+    torch._dynamo.reset()
+    torch.testing.assert_close(compiled, expected, rtol=0, atol=1e-5)

@@ -37,6 +37,7 @@ from .runtime import allocator_tuned, tune_cpu_allocator
 BASELINES = ("timm", "timm-compile", "reference", "ours-compile", "ours-ckpt", "ours-triton", "ours-no-triton")
 MODES = ("infer", "latency", "train")
 AMP_DTYPES = {"none": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
 
 # timm's benchmark.py column names, so the CSVs line up with theirs; the rest are ours.
 CSV_COLUMNS = (
@@ -44,7 +45,7 @@ CSV_COLUMNS = (
     "infer_gmacs", "param_count", "infer_speedup", "infer_spread", "latency_step_time", "latency_speedup",
     "latency_spread", "train_samples_per_sec", "train_step_time", "train_batch_size", "train_img_size",
     "train_speedup", "train_spread", "infer_peak_mem_mb", "train_peak_mem_mb", "mac_fraction_of_matmul_peak",
-    "matmul_peak_gflops", "device", "threads", "amp", "channels_last", "compile", "freeze", "repeats", "load_before",
+    "matmul_peak_gflops", "device", "threads", "amp", "channels_last", "compile", "compile_mode", "freeze", "repeats", "load_before",
     "load_after", "torch", "timm", "cpu", "allocator", "infer_page_faults", "latency_page_faults",
     "train_page_faults",
 )
@@ -62,6 +63,9 @@ class BenchmarkConfig:
         amp: autocast dtype ('none', 'bfloat16', 'float16'); weights stay fp32.
         channels_last: channels-last model and input (both implementations).
         compile: torch.compile our model (baselines keep their own setting: `timm-compile` compiles timm's).
+        compile_mode: torch.compile's `mode` for every compiled contender alike ('default', 'reduce-overhead',
+            'max-autotune', 'max-autotune-no-cudagraphs'); 'max-autotune' on a CPU with `freeze` lets inductor
+            pick its own C++ GEMM kernels, epilogues fused.
         freeze: compile inference with inductor's freezing (every compiled contender alike): the weights become
             constants of the graph, folded and, on a CPU, pre-packed for oneDNN. For deployment, where the weights
             no longer change; graphs that need gradients (training) ignore it.
@@ -91,6 +95,7 @@ class BenchmarkConfig:
     amp: str = "none"
     channels_last: bool = False
     compile: bool = False
+    compile_mode: str = "default"
     freeze: bool = False
     vs: tuple[str, ...] = ("timm",)
     modes: tuple[str, ...] = MODES
@@ -127,9 +132,13 @@ class BenchmarkConfig:
             raise ValueError("batch_size, repeats and steps must be >= 1 and warmup >= 0")
         if len(self.img_size) != 2 or min(self.img_size) < 1:
             raise ValueError(f"img_size must be (H, W) with positive sides, got {self.img_size}")
-        if self.freeze and not (self.compile or any(v.endswith("-compile") for v in self.vs)):
-            raise ValueError("--freeze applies to compiled models, and none is measured: add --compile or a "
-                             "-compile baseline (e.g. --vs timm ours-compile)")
+        if self.compile_mode not in COMPILE_MODES:
+            raise ValueError(f"compile mode must be one of {list(COMPILE_MODES)}, got {self.compile_mode!r}")
+        compiled = self.compile or any(v.endswith("-compile") for v in self.vs)
+        for flag, on in (("--freeze", self.freeze), ("--compile-mode", self.compile_mode != "default")):
+            if on and not compiled:
+                raise ValueError(f"{flag} applies to compiled models, and none is measured: add --compile or a "
+                                 "-compile baseline (e.g. --vs timm ours-compile)")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -162,8 +171,9 @@ def build_model(impl: str, cfg: BenchmarkConfig) -> nn.Module:
 
 
 def compile_model(model: nn.Module, cfg: BenchmarkConfig) -> nn.Module:
-    """torch.compile for fixed shapes; with `cfg.freeze`, inductor's freezing for graphs without gradients."""
-    compiled = torch.compile(model, dynamic=False)
+    """torch.compile for fixed shapes in `cfg.compile_mode`; with `cfg.freeze`, inductor's freezing for graphs
+    without gradients."""
+    compiled = torch.compile(model, dynamic=False, mode=None if cfg.compile_mode == "default" else cfg.compile_mode)
     return Frozen(compiled) if cfg.freeze else compiled
 
 
@@ -462,7 +472,8 @@ def _environment(cfg: BenchmarkConfig, peak: float, load_before, load_after) -> 
         timm_version = ""
     return {
         "matmul_peak_gflops": round(peak / 1e9, 1), "device": cfg.device, "threads": torch.get_num_threads(),
-        "amp": cfg.amp, "channels_last": cfg.channels_last, "compile": cfg.compile, "freeze": cfg.freeze,
+        "amp": cfg.amp, "channels_last": cfg.channels_last, "compile": cfg.compile, "compile_mode": cfg.compile_mode,
+        "freeze": cfg.freeze,
         "repeats": cfg.repeats, "load_before": _load(load_before), "load_after": _load(load_after),
         "torch": torch.__version__, "timm": timm_version, "cpu": _cpu_name(cfg.device), "allocator": _allocator(),
     }

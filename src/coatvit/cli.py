@@ -575,6 +575,9 @@ def _add_benchmark(sub):
     p.add_argument("--amp", choices=("none", "bfloat16", "float16"), default="none", help="autocast dtype")
     p.add_argument("--channels-last", action="store_true", help="channels-last model and input")
     p.add_argument("--compile", action="store_true", help="torch.compile our model")
+    p.add_argument("--compile-mode", default="default", choices=("default", "reduce-overhead", "max-autotune",
+                                                                  "max-autotune-no-cudagraphs"),
+                   help="torch.compile mode of every compiled contender alike")
     p.add_argument("--freeze", action="store_true",
                    help="compile inference with inductor's freezing, every compiled contender alike (weights become "
                         "graph constants, pre-packed on a CPU: for deployment)")
@@ -612,7 +615,7 @@ def run_benchmark(args) -> int:
                          f"{config.min_input_size} px per side")
     cfg = BenchmarkConfig(
         model=args.model, batch_size=args.batch_size, img_size=img_size, device=args.device, amp=args.amp,
-        channels_last=args.channels_last, compile=args.compile, freeze=args.freeze, vs=tuple(args.vs),
+        channels_last=args.channels_last, compile=args.compile, compile_mode=args.compile_mode, freeze=args.freeze, vs=tuple(args.vs),
         modes=tuple(args.modes), repeats=args.repeats, steps=args.steps, warmup=args.warmup, threads=args.threads,
         peak_memory=not args.no_memory, matmul_size=args.matmul_size, tuned_allocator=args.tuned_allocator)
     log = (lambda s: None) if args.format == "json" else (lambda s: print(s, flush=True))

@@ -251,10 +251,16 @@ class FactorAttnConvRelPosEnc(nn.Module):
         q of the class token only. The CRPE term of the class token is zero, so no convolution runs."""
         B, N, C = x.shape
         h = self.num_heads
-        weight, bias = self.qkv.weight, self.qkv.bias  # rows: q, k, v
-        kv = F.linear(x, weight[C:], None if bias is None else bias[C:])  # (B, N, 2C)
-        q = F.linear(x[:, :1], weight[:C], None if bias is None else bias[:C])  # (B, 1, C)
-        k, v = kv.unflatten(-1, (2, C)).unbind(2)  # (B, N, C) views
+        if torch.compiler.is_compiling():
+            # the whole projection: with freezing, inductor's C++ GEMM template (mode="max-autotune", torch 2.14)
+            # drops the storage offset of a frozen weight slice and would multiply by the q rows (wrong logits)
+            q, k, v = self.qkv(x).unflatten(-1, (3, C)).unbind(2)
+            q = q[:, :1]
+        else:
+            weight, bias = self.qkv.weight, self.qkv.bias  # rows: q, k, v
+            kv = F.linear(x, weight[C:], None if bias is None else bias[C:])  # (B, N, 2C)
+            q = F.linear(x[:, :1], weight[:C], None if bias is None else bias[:C])  # (B, 1, C)
+            k, v = kv.unflatten(-1, (2, C)).unbind(2)  # (B, N, C) views
         out = q.view(B, h, 1, C // h) @ self.head_context(k.softmax(dim=1), v)  # (B, h, 1, Ch)
         return self.proj(out.reshape(B, 1, C))
 
