@@ -324,3 +324,20 @@ def test_class_token_row_compiles_correctly_with_freezing_and_max_autotune():
         compiled = torch.compile(module, mode="max-autotune", fullgraph=True)(x)
     torch._dynamo.reset()
     torch.testing.assert_close(compiled, expected, rtol=0, atol=1e-5)
+
+
+def test_whole_model_compiled_by_inductor_with_freezing_matches_eager():
+    # The deployment recipe of the README (torch.compile, inductor's freezing, inference mode) on the fast path:
+    # serial and parallel blocks, the class-token shortcut, an odd non-square size (about a minute of C++ build).
+    import torch._dynamo
+    from torch._inductor import config as inductor_config
+
+    model = _model("coat_test").eval()
+    assert model.class_token_shortcut(torch.randn(1, 3, *SIZE))
+    x = torch.randn(2, 3, *SIZE)
+    torch._dynamo.reset()
+    with torch.inference_mode(), inductor_config.patch(freezing=True):
+        expected = model(x)
+        compiled = torch.compile(model, fullgraph=True)(x)
+    torch._dynamo.reset()
+    torch.testing.assert_close(compiled, expected, rtol=0, atol=1e-5)
