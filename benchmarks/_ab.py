@@ -1,5 +1,5 @@
 """Shared command line of the A/B scripts that time one model-level switch on a CPU (crpe_kernels.py,
-class_token_shortcut.py, mlp_chunks.py): models as NAME:BATCH, image size, threads, repeats."""
+class_token_shortcut.py, mlp_chunks.py, train_chunks.py): models as NAME:BATCH, image size, threads, repeats."""
 
 from __future__ import annotations
 
@@ -19,9 +19,11 @@ def parser(description: str, models: list[str], repeats: int) -> argparse.Argume
     return p
 
 
-def start(args: argparse.Namespace) -> list[tuple[str, int]]:
-    """Threads and the tuned allocator set, a header printed; returns the (name, batch) pairs."""
+def start(args: argparse.Namespace, tune_allocator: bool = True) -> list[tuple[str, int]]:
+    """Threads (and by default the tuned allocator) set, a header printed; returns the (name, batch) pairs."""
     torch.set_num_threads(args.threads)
-    coatvit.tune_cpu_allocator()
-    print(f"torch {torch.__version__}, {args.threads} threads, {args.img_size} px, median of {args.repeats}")
+    if tune_allocator:
+        coatvit.tune_cpu_allocator()
+    print(f"torch {torch.__version__}, {args.threads} threads, {args.img_size} px, median of {args.repeats}, "
+          f"allocator {'tuned' if tune_allocator else 'default'}")
     return [(spec.split(":")[0], int(spec.split(":")[1])) for spec in args.models]

@@ -3,6 +3,8 @@ eval and train mode, gradients, gradient checkpointing and the backbone API. Sam
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -341,3 +343,70 @@ def test_whole_model_compiled_by_inductor_with_freezing_matches_eager():
         compiled = torch.compile(model, fullgraph=True)(x)
     torch._dynamo.reset()
     torch.testing.assert_close(compiled, expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("features_only", [False, True])
+def test_training_in_image_chunks_equals_the_whole_batch(monkeypatch, features_only):
+    # Under glibc's default allocator a CPU training forward runs the batch a few images at a time; per sample
+    # that is the same function, and the weight gradients are the sums over the chunks.
+    from coatvit import runtime
+
+    monkeypatch.setattr(runtime, "fresh_pages_for_large_blocks", lambda: True)
+    model = _model("coat_test", **({"features_only": True} if features_only else {})).train()
+    x = torch.randn(5, 3, *SIZE)
+    tokens = (SIZE[0] // 4) * (SIZE[1] // 4) + 1
+    hidden = int(model.config.embed_dims[0] * model.config.mlp_ratios[0])
+    monkeypatch.setattr(model, "train_chunk_bytes", 2 * tokens * hidden * 4)  # two images per chunk
+    assert model.train_chunk_images(x) == 2
+    calls = []
+    forward_batch = model.forward_batch
+    monkeypatch.setattr(model, "forward_batch", lambda c: calls.append(c.shape[0]) or forward_batch(c))
+
+    def run(chunks):
+        monkeypatch.setattr(model, "train_in_chunks", chunks)
+        model.zero_grad(set_to_none=True)
+        out = model(x)
+        outs = out if features_only else [out]
+        sum(o.square().mean() for o in outs).backward()
+        return [o.detach() for o in outs], [p.grad.clone() for p in model.parameters()]
+
+    (chunked, chunked_grads), (whole, whole_grads) = run(True), run(False)
+    assert calls == [2, 2, 1, 5]
+    for a, b in zip(chunked, whole):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    for a, b in zip(chunked_grads, whole_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_training_chunks_only_where_fresh_pages_cost_and_gradients_flow(monkeypatch):
+    from coatvit import runtime
+
+    model = _model("coat_lite_tiny", num_classes=10).train()
+    x = torch.randn(3, 3, 224, 224)  # stage-1 hidden layer: 6.4 MB per image, so 2 images per 16 MiB chunk
+    monkeypatch.setattr(runtime, "fresh_pages_for_large_blocks", lambda: True)
+    assert model.train_chunk_images(x) == 2
+    assert model.train_chunk_images(x[:2]) == 0  # fits in one chunk
+    with torch.no_grad():
+        assert model.train_chunk_images(x) == 0  # inference chunks inside the blocks instead
+    model.set_fast_path(False)
+    assert model.train_chunk_images(x) == 0  # the reference path runs the authors' batch as it is
+    model.set_fast_path(True)
+    monkeypatch.setattr(runtime, "fresh_pages_for_large_blocks", lambda: False)
+    assert model.train_chunk_images(x) == 0  # a tuned allocator reuses freed memory: whole batches are faster
+
+
+@pytest.mark.skipif(not coatvit.runtime.allocator_tunable(), reason="glibc's allocator only")
+def test_fresh_pages_follow_the_allocator_settings(monkeypatch):
+    from coatvit import runtime
+
+    for name in [k for k in os.environ if k.startswith("MALLOC_") or k in ("LD_PRELOAD", "GLIBC_TUNABLES")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setattr(runtime, "_tuned", False)
+    assert runtime.fresh_pages_for_large_blocks()
+    for name, value in [("MALLOC_MMAP_THRESHOLD_", "1073741824"), ("LD_PRELOAD", "/usr/lib/libjemalloc.so.2"),
+                        ("GLIBC_TUNABLES", "glibc.malloc.mmap_threshold=1073741824")]:
+        with monkeypatch.context() as m:
+            m.setenv(name, value)
+            assert not runtime.fresh_pages_for_large_blocks()
+    monkeypatch.setattr(runtime, "_tuned", True)
+    assert not runtime.fresh_pages_for_large_blocks()

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from . import kernels
+from . import kernels, runtime
 from .config import CoaTConfig
 
 Size = tuple[int, int]
@@ -758,7 +758,44 @@ class CoaT(nn.Module):
         final = xs[3] if self.parallel_blocks is None else xs[1:]
         return final, intermediates
 
+    # Training on a CPU whose allocator maps every large block afresh (glibc's defaults) runs the batch a few images
+    # at a time: no activation then exceeds glibc's mmap threshold, so freed memory is reused instead of faulted
+    # in again. coat_lite_tiny training steps at batch 16 were 1.42x faster that way in a plain process and 0.95x
+    # with the allocator tuned (benchmarks/train_chunks.py, BENCHMARKS.md), hence the allocator test.
+    train_in_chunks = True
+
+    # largest activation of one chunk (the stage-1 MLP's hidden layer), under glibc's 32 MiB mmap-threshold ceiling
+    train_chunk_bytes = 16 << 20
+
+    def train_chunk_images(self, x: torch.Tensor) -> int:
+        """Images per chunk of a CPU training forward pass, or 0 to run the batch whole (see `train_in_chunks`).
+
+        Per sample the chunks compute what the whole batch does (nothing in CoaT mixes samples), and the weight
+        gradients are the sums over chunks; drop path draws each chunk's masks in turn.
+        """
+        if not (self.train_in_chunks and x.device.type == "cpu" and use_fast(self, x) and torch.is_grad_enabled()):
+            return 0
+        if torch.compiler.is_compiling() or not runtime.fresh_pages_for_large_blocks():
+            return 0
+        if not (x.requires_grad or any(p.requires_grad for p in self.parameters())):
+            return 0
+        cfg = self.config
+        tokens = (x.shape[-2] // cfg.patch_size) * (x.shape[-1] // cfg.patch_size) + 1
+        hidden = int(cfg.embed_dims[0] * cfg.mlp_ratios[0])
+        images = max(1, self.train_chunk_bytes // (tokens * hidden * x.element_size()))
+        return images if x.shape[0] > images else 0
+
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+        images = self.train_chunk_images(x)
+        if images:
+            outs = [self.forward_batch(chunk) for chunk in x.split(images)]
+            if isinstance(outs[0], torch.Tensor):
+                return torch.cat(outs)
+            return [torch.cat(level) for level in zip(*outs)]  # features_only: one map per level
+        return self.forward_batch(x)
+
+    def forward_batch(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+        """The forward pass over the whole batch at once."""
         if self.features_only:
             return self.forward_intermediates(x, self.out_indices, stop_early=True, intermediates_only=True)
         if self.class_token_shortcut(x):

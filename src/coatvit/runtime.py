@@ -60,6 +60,19 @@ def allocator_tuned() -> bool:
     return _tuned
 
 
+def fresh_pages_for_large_blocks() -> bool:
+    """Whether large CPU tensors most likely come as freshly mapped pages: glibc's allocator with its defaults
+    (not tuned by `tune_cpu_allocator`, no MALLOC_* variables or glibc.malloc tunables, no preloaded jemalloc,
+    tcmalloc or mimalloc). Blocks above its mmap threshold (at most 32 MiB) are then mapped on every allocation
+    and cost a page fault per 4 KiB when first written."""
+    if _tuned or not allocator_tunable():
+        return False
+    env = os.environ
+    if any(k.startswith("MALLOC_") for k in env) or "glibc.malloc" in env.get("GLIBC_TUNABLES", ""):
+        return False
+    return not any(name in env.get("LD_PRELOAD", "") for name in ("jemalloc", "tcmalloc", "mimalloc"))
+
+
 def tune_cpu_allocator_from_env() -> bool:
     """What the `coatvit` commands call at start-up: tune unless COATVIT_TUNE_ALLOCATOR is 0/false/no/off."""
     if os.environ.get("COATVIT_TUNE_ALLOCATOR", "1").strip().lower() in ("0", "false", "no", "off"):

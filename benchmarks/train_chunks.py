@@ -1,0 +1,78 @@
+"""CPU training steps with the batch run whole vs a few images at a time (`CoaT.train_in_chunks`).
+
+With glibc's default allocator every activation above its mmap threshold is mapped afresh and faulted in page by
+page; run in chunks of a few images, no activation exceeds it and freed memory is reused. The model chunks on its
+own only under that allocator (`coatvit.runtime.fresh_pages_for_large_blocks`); this script forces the chunks in
+both settings so that `--tuned-allocator` measures what they would cost there. Whole training steps (forward,
+cross-entropy, backward, AdamW; drop path off), interleaved in one process, median of `--repeats`; the gradients
+of the two variants are checked to agree first.
+
+    python benchmarks/train_chunks.py --models coat_lite_tiny:16 coat_tiny:16
+    python benchmarks/train_chunks.py --models coat_lite_tiny:16 coat_tiny:16 --tuned-allocator
+"""
+
+from __future__ import annotations
+
+import statistics
+
+import torch
+
+import coatvit
+from coatvit import runtime
+from coatvit.benchmark import BenchmarkConfig, make_step, time_interleaved
+from coatvit.model import CoaT
+
+import _ab
+
+
+def gradients(model: CoaT, x: torch.Tensor) -> list[torch.Tensor]:
+    model.zero_grad(set_to_none=True)
+    model(x).square().mean().backward()
+    return [p.grad.clone() for p in model.parameters()]
+
+
+def main() -> None:
+    parser = _ab.parser(__doc__.splitlines()[0], ["coat_lite_tiny:16", "coat_tiny:16"], repeats=5)
+    parser.add_argument("--tuned-allocator", action="store_true", help="coatvit.tune_cpu_allocator() first")
+    args = parser.parse_args()
+    models = _ab.start(args, tune_allocator=args.tuned_allocator)
+    runtime.fresh_pages_for_large_blocks = lambda: True  # chunk in either allocator setting (see above)
+    default = CoaT.train_in_chunks
+    print("| model | batch | images per chunk | whole batch ms (faults/step) | chunks ms (faults/step) | "
+          "speedup of the chunks (median of per-repeat ratios, min-max) |")
+    print("|---|---|---|---|---|---|")
+    try:
+        for name, batch in models:
+            torch.manual_seed(0)
+            model = coatvit.create_model(name, drop_path_rate=0.0).train()
+            x = torch.randn(batch, 3, args.img_size, args.img_size)
+            images = model.train_chunk_images(x)
+            CoaT.train_in_chunks = False
+            whole = gradients(model, x)
+            CoaT.train_in_chunks = True
+            for a, b in zip(whole, gradients(model, x)):
+                torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-5)
+            cfg = BenchmarkConfig(model=name, batch_size=batch, img_size=(args.img_size, args.img_size),
+                                  repeats=args.repeats, steps=2, warmup=1)
+            step = make_step("train", model, cfg)
+
+            def variant(chunks: bool):
+                def run():
+                    CoaT.train_in_chunks = chunks
+                    step()
+                return run
+
+            steps = {"whole": variant(False), "chunks": variant(True)}
+            faults: dict[str, list[float]] = {}
+            times = time_interleaved(steps, cfg, faults)
+            faults = {label: statistics.median(f) for label, f in faults.items()}
+            ratios = [w / c for w, c in zip(times["whole"], times["chunks"])]
+            print(f"| {name} | {batch} | {images} | {statistics.median(times['whole']) * 1e3:.0f} "
+                  f"({faults['whole']:.0f}) | {statistics.median(times['chunks']) * 1e3:.0f} ({faults['chunks']:.0f}) "
+                  f"| {statistics.median(ratios):.3f}x ({min(ratios):.2f}-{max(ratios):.2f}) |", flush=True)
+    finally:
+        CoaT.train_in_chunks = default
+
+
+if __name__ == "__main__":
+    main()
