@@ -760,7 +760,7 @@ class CoaT(nn.Module):
 
     # Training on a CPU whose allocator maps every large block afresh (glibc's defaults) runs the batch a few images
     # at a time: no activation then exceeds glibc's mmap threshold, so freed memory is reused instead of faulted
-    # in again. coat_lite_tiny training steps at batch 16 were 1.42x faster that way in a plain process and 0.95x
+    # in again. coat_lite_tiny training steps at batch 16 were 1.25x faster that way in a plain process and 0.93x
     # with the allocator tuned (benchmarks/train_chunks.py, BENCHMARKS.md), hence the allocator test.
     train_in_chunks = True
 
