@@ -9,6 +9,10 @@ of the two variants are checked to agree first.
 
     python benchmarks/train_chunks.py --models coat_lite_tiny:16 coat_tiny:16
     python benchmarks/train_chunks.py --models coat_lite_tiny:16 coat_tiny:16 --tuned-allocator
+    python benchmarks/train_chunks.py --models coat_lite_tiny:16 --chunk-mib 16 24 31
+
+`--chunk-mib` times several chunk sizes (`CoaT.train_chunk_bytes`, the largest activation of one chunk) in the same
+run; the speedups are all over the whole batch.
 """
 
 from __future__ import annotations
@@ -34,10 +38,12 @@ def gradients(model: CoaT, x: torch.Tensor) -> list[torch.Tensor]:
 def main() -> None:
     parser = _ab.parser(__doc__.splitlines()[0], ["coat_lite_tiny:16", "coat_tiny:16"], repeats=5)
     parser.add_argument("--tuned-allocator", action="store_true", help="coatvit.tune_cpu_allocator() first")
+    parser.add_argument("--chunk-mib", nargs="+", type=int, default=[CoaT.train_chunk_bytes >> 20],
+                        help="largest activation of one chunk, MiB (CoaT.train_chunk_bytes); several: one variant each")
     args = parser.parse_args()
     models = _ab.start(args, tune_allocator=args.tuned_allocator)
     runtime.fresh_pages_for_large_blocks = lambda: True  # chunk in either allocator setting (see above)
-    default = CoaT.train_in_chunks
+    default = (CoaT.train_in_chunks, CoaT.train_chunk_bytes)
     print("| model | batch | images per chunk | whole batch ms (faults/step) | chunks ms (faults/step) | "
           "speedup of the chunks (median of per-repeat ratios, min-max) |")
     print("|---|---|---|---|---|---|")
@@ -46,32 +52,39 @@ def main() -> None:
             torch.manual_seed(0)
             model = coatvit.create_model(name, drop_path_rate=0.0).train()
             x = torch.randn(batch, 3, args.img_size, args.img_size)
-            images = model.train_chunk_images(x)
             CoaT.train_in_chunks = False
             whole = gradients(model, x)
             CoaT.train_in_chunks = True
-            for a, b in zip(whole, gradients(model, x)):
-                torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-5)
+            images = {}
+            for mib in args.chunk_mib:
+                CoaT.train_chunk_bytes = mib << 20
+                images[mib] = model.train_chunk_images(x)
+                for a, b in zip(whole, gradients(model, x)):
+                    torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-5)
             cfg = BenchmarkConfig(model=name, batch_size=batch, img_size=(args.img_size, args.img_size),
                                   repeats=args.repeats, steps=2, warmup=1)
             step = make_step("train", model, cfg)
 
-            def variant(chunks: bool):
+            def variant(chunk_mib: int | None):
                 def run():
-                    CoaT.train_in_chunks = chunks
+                    CoaT.train_in_chunks = chunk_mib is not None
+                    if chunk_mib is not None:
+                        CoaT.train_chunk_bytes = chunk_mib << 20
                     step()
                 return run
 
-            steps = {"whole": variant(False), "chunks": variant(True)}
+            steps = {"whole": variant(None)}
+            steps.update({mib: variant(mib) for mib in args.chunk_mib})
             faults: dict[str, list[float]] = {}
             times = time_interleaved(steps, cfg, faults)
             faults = {label: statistics.median(f) for label, f in faults.items()}
-            ratios = [w / c for w, c in zip(times["whole"], times["chunks"])]
-            print(f"| {name} | {batch} | {images} | {statistics.median(times['whole']) * 1e3:.0f} "
-                  f"({faults['whole']:.0f}) | {statistics.median(times['chunks']) * 1e3:.0f} ({faults['chunks']:.0f}) "
-                  f"| {statistics.median(ratios):.3f}x ({min(ratios):.2f}-{max(ratios):.2f}) |", flush=True)
+            for mib in args.chunk_mib:
+                ratios = [w / c for w, c in zip(times["whole"], times[mib])]
+                print(f"| {name} | {batch} | {images[mib]} ({mib} MiB) | {statistics.median(times['whole']) * 1e3:.0f} "
+                      f"({faults['whole']:.0f}) | {statistics.median(times[mib]) * 1e3:.0f} ({faults[mib]:.0f}) "
+                      f"| {statistics.median(ratios):.3f}x ({min(ratios):.2f}-{max(ratios):.2f}) |", flush=True)
     finally:
-        CoaT.train_in_chunks = default
+        CoaT.train_in_chunks, CoaT.train_chunk_bytes = default
 
 
 if __name__ == "__main__":

@@ -356,8 +356,8 @@ def test_training_in_image_chunks_equals_the_whole_batch(monkeypatch, features_o
     x = torch.randn(5, 3, *SIZE)
     tokens = (SIZE[0] // 4) * (SIZE[1] // 4) + 1
     hidden = int(model.config.embed_dims[0] * model.config.mlp_ratios[0])
-    monkeypatch.setattr(model, "train_chunk_bytes", 2 * tokens * hidden * 4)  # two images per chunk
-    assert model.train_chunk_images(x) == 2
+    monkeypatch.setattr(model, "train_chunk_bytes", 4 * tokens * hidden * 4)  # up to four images per chunk
+    assert model.train_chunk_images(x) == 4
     calls = []
     forward_batch = model.forward_batch
     monkeypatch.setattr(model, "forward_batch", lambda c: calls.append(c.shape[0]) or forward_batch(c))
@@ -371,7 +371,7 @@ def test_training_in_image_chunks_equals_the_whole_batch(monkeypatch, features_o
         return [o.detach() for o in outs], [p.grad.clone() for p in model.parameters()]
 
     (chunked, chunked_grads), (whole, whole_grads) = run(True), run(False)
-    assert calls == [2, 2, 1, 5]
+    assert calls == [3, 2, 5]  # as few chunks as the limit allows, balanced (not 4 + 1); then the whole batch
     for a, b in zip(chunked, whole):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
     for a, b in zip(chunked_grads, whole_grads):
@@ -382,10 +382,10 @@ def test_training_chunks_only_where_fresh_pages_cost_and_gradients_flow(monkeypa
     from coatvit import runtime
 
     model = _model("coat_lite_tiny", num_classes=10).train()
-    x = torch.randn(3, 3, 224, 224)  # stage-1 hidden layer: 6.4 MB per image, so 2 images per 16 MiB chunk
+    x = torch.randn(4, 3, 224, 224)  # stage-1 hidden layer: 6.4 MB per image, so 3 images per 24 MiB chunk
     monkeypatch.setattr(runtime, "fresh_pages_for_large_blocks", lambda: True)
-    assert model.train_chunk_images(x) == 2
-    assert model.train_chunk_images(x[:2]) == 0  # fits in one chunk
+    assert model.train_chunk_images(x) == 3
+    assert model.train_chunk_images(x[:3]) == 0  # fits in one chunk
     with torch.no_grad():
         assert model.train_chunk_images(x) == 0  # inference chunks inside the blocks instead
     model.set_fast_path(False)

@@ -764,8 +764,10 @@ class CoaT(nn.Module):
     # with the allocator tuned (benchmarks/train_chunks.py, BENCHMARKS.md), hence the allocator test.
     train_in_chunks = True
 
-    # largest activation of one chunk (the stage-1 MLP's hidden layer), under glibc's 32 MiB mmap-threshold ceiling
-    train_chunk_bytes = 16 << 20
+    # largest activation of one chunk (the stage-1 MLP's hidden layer), under glibc's 32 MiB mmap-threshold ceiling:
+    # 3 images at 224 px, faster than 2 (16 MiB) in three runs (coat_lite_tiny 1.04-1.17x, coat_tiny 1.01-1.03x);
+    # 4 images (28 MiB) brought page faults back (benchmarks/train_chunks.py --chunk-mib, BENCHMARKS.md)
+    train_chunk_bytes = 24 << 20
 
     def train_chunk_images(self, x: torch.Tensor) -> int:
         """Images per chunk of a CPU training forward pass, or 0 to run the batch whole (see `train_in_chunks`).
@@ -788,7 +790,8 @@ class CoaT(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         images = self.train_chunk_images(x)
         if images:
-            outs = [self.forward_batch(chunk) for chunk in x.split(images)]
+            chunks = -(-x.shape[0] // images)  # as few chunks as that allows, balanced: 16 images by 3 are 3,3,3,3,2,2
+            outs = [self.forward_batch(chunk) for chunk in x.tensor_split(chunks)]
             if isinstance(outs[0], torch.Tensor):
                 return torch.cat(outs)
             return [torch.cat(level) for level in zip(*outs)]  # features_only: one map per level
