@@ -185,3 +185,30 @@ def test_ours_ckpt_contender_checkpoints_and_keeps_fewer_activations():
     assert saved_activation_bytes(ckpt.train(), x) < saved_activation_bytes(plain.train(), x) / 2
     rows = benchmark.run_benchmark(dataclasses.replace(cfg, modes=("train",)))
     assert [r["impl"] for r in rows] == ["ours", "ours-ckpt"] and rows[1]["train_speedup"] > 0
+
+
+def test_gemm_floor_records_every_product_and_replays_them(monkeypatch):
+    # benchmarks/gemm_floor.py: the products and convolutions of a forward pass, each counted once per call and
+    # replayed alone on tensors of the same layout
+    import pathlib
+
+    monkeypatch.syspath_prepend(str(pathlib.Path(__file__).parents[1] / "benchmarks"))
+    import gemm_floor
+    model = create_model("coat_test").eval()
+    recorder = gemm_floor.Recorder()
+    with torch.no_grad(), recorder:
+        model(torch.randn(2, 3, 32, 32))
+    kinds = {gemm_floor.kind(func) for func, _, _ in recorder.calls}
+    assert kinds == {"linear GEMMs", "attention products", "convolutions"}
+    linears = sum(1 for m in model.modules() if isinstance(m, torch.nn.Linear))
+    gemm_calls = sum(n for (func, _, _), n in recorder.calls.items() if gemm_floor.kind(func) == "linear GEMMs")
+    assert gemm_calls >= linears - 1  # every linear layer once or more (the last block's class-token rows aside)
+    # an out= product is replayed with an output of its own layout
+    out = torch.empty(6, 4).t()  # (4, 6), transposed strides
+    with recorder:
+        torch.mm(torch.randn(4, 5), torch.randn(5, 6), out=out)
+    key = next(k for k in recorder.calls if k[0] == torch.ops.aten.mm.out)
+    rebuilt = dict(gemm_floor.build(key[2]))["out"]
+    assert rebuilt.shape == (4, 6) and rebuilt.stride() == out.stride()
+    times = gemm_floor.replay_ms(recorder.calls, replays=1)
+    assert set(times) == kinds and all(t > 0 for t in times.values())
