@@ -1,5 +1,6 @@
 """Shared command line of the A/B scripts that time one model-level switch on a CPU (crpe_kernels.py,
-class_token_shortcut.py, mlp_chunks.py, train_chunks.py, gemm_floor.py): models as NAME:BATCH, image size, threads, repeats."""
+class_token_shortcut.py, mlp_chunks.py, train_chunks.py) and of gemm_floor.py: models as NAME:BATCH, image size,
+threads, repeats."""
 
 from __future__ import annotations
 
