@@ -12,7 +12,10 @@ of the two variants are checked to agree first.
     python benchmarks/train_chunks.py --models coat_lite_tiny:16 --chunk-mib 16 24 31
 
 `--chunk-mib` times several chunk sizes (`CoaT.train_chunk_bytes`, the largest activation of one chunk) in the same
-run; the speedups are all over the whole batch.
+run; `--layouts stages pass` times chunks sized per stage (`CoaT.train_chunk_stages`, the default) and chunks of the
+whole forward pass sized by stage 1; the speedups are all over the whole batch.
+
+    python benchmarks/train_chunks.py --models coat_lite_tiny:16 coat_tiny:16 --layouts stages pass
 """
 
 from __future__ import annotations
@@ -40,11 +43,14 @@ def main() -> None:
     parser.add_argument("--tuned-allocator", action="store_true", help="coatvit.tune_cpu_allocator() first")
     parser.add_argument("--chunk-mib", nargs="+", type=int, default=[CoaT.train_chunk_bytes >> 20],
                         help="largest activation of one chunk, MiB (CoaT.train_chunk_bytes); several: one variant each")
+    parser.add_argument("--layouts", nargs="+", choices=("stages", "pass"), default=["stages"],
+                        help="chunks sized per stage (stages) or the whole forward pass sized by stage 1 (pass)")
     args = parser.parse_args()
     models = _ab.start(args, tune_allocator=args.tuned_allocator)
     runtime.fresh_pages_for_large_blocks = lambda: True  # chunk in either allocator setting (see above)
-    default = (CoaT.train_in_chunks, CoaT.train_chunk_bytes)
-    print("| model | batch | images per chunk | whole batch ms (faults/step) | chunks ms (faults/step) | "
+    default = (CoaT.train_in_chunks, CoaT.train_chunk_bytes, CoaT.train_chunk_stages)
+    variants = [(mib, layout) for mib in args.chunk_mib for layout in args.layouts]
+    print("| model | batch | images per chunk (of stage 1) | whole batch ms (faults/step) | chunks ms (faults/step) | "
           "speedup of the chunks (median of per-repeat ratios, min-max) |")
     print("|---|---|---|---|---|---|")
     try:
@@ -56,8 +62,9 @@ def main() -> None:
             whole = gradients(model, x)
             CoaT.train_in_chunks = True
             images = {}
-            for mib in args.chunk_mib:
+            for mib, layout in variants:
                 CoaT.train_chunk_bytes = mib << 20
+                CoaT.train_chunk_stages = layout == "stages"
                 images[mib] = model.train_chunk_images(x)
                 for a, b in zip(whole, gradients(model, x)):
                     torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-5)
@@ -65,26 +72,28 @@ def main() -> None:
                                   repeats=args.repeats, steps=2, warmup=1)
             step = make_step("train", model, cfg)
 
-            def variant(chunk_mib: int | None):
+            def variant(chunks: tuple[int, str] | None):
                 def run():
-                    CoaT.train_in_chunks = chunk_mib is not None
-                    if chunk_mib is not None:
-                        CoaT.train_chunk_bytes = chunk_mib << 20
+                    CoaT.train_in_chunks = chunks is not None
+                    if chunks is not None:
+                        CoaT.train_chunk_bytes = chunks[0] << 20
+                        CoaT.train_chunk_stages = chunks[1] == "stages"
                     step()
                 return run
 
             steps = {"whole": variant(None)}
-            steps.update({mib: variant(mib) for mib in args.chunk_mib})
+            steps.update({v: variant(v) for v in variants})
             faults: dict[str, list[float]] = {}
             times = time_interleaved(steps, cfg, faults)
             faults = {label: statistics.median(f) for label, f in faults.items()}
-            for mib in args.chunk_mib:
-                ratios = [w / c for w, c in zip(times["whole"], times[mib])]
-                print(f"| {name} | {batch} | {images[mib]} ({mib} MiB) | {statistics.median(times['whole']) * 1e3:.0f} "
-                      f"({faults['whole']:.0f}) | {statistics.median(times[mib]) * 1e3:.0f} ({faults[mib]:.0f}) "
+            whole_ms = statistics.median(times["whole"]) * 1e3
+            for v in variants:
+                ratios = [w / c for w, c in zip(times["whole"], times[v])]
+                print(f"| {name} | {batch} | {images[v[0]]} ({v[0]} MiB, by {v[1]}) | {whole_ms:.0f} "
+                      f"({faults['whole']:.0f}) | {statistics.median(times[v]) * 1e3:.0f} ({faults[v]:.0f}) "
                       f"| {statistics.median(ratios):.3f}x ({min(ratios):.2f}-{max(ratios):.2f}) |", flush=True)
     finally:
-        CoaT.train_in_chunks, CoaT.train_chunk_bytes = default
+        CoaT.train_in_chunks, CoaT.train_chunk_bytes, CoaT.train_chunk_stages = default
 
 
 if __name__ == "__main__":

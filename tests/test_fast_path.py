@@ -346,21 +346,30 @@ def test_whole_model_compiled_by_inductor_with_freezing_matches_eager():
 
 
 @pytest.mark.parametrize("features_only", [False, True])
-def test_training_in_image_chunks_equals_the_whole_batch(monkeypatch, features_only):
-    # Under glibc's default allocator a CPU training forward runs the batch a few images at a time; per sample
-    # that is the same function, and the weight gradients are the sums over the chunks.
+@pytest.mark.parametrize("per_stage", [True, False])
+def test_training_in_image_chunks_equals_the_whole_batch(monkeypatch, features_only, per_stage):
+    # Under glibc's default allocator a CPU training forward runs the batch a few images at a time, each stage by
+    # its own activations (per_stage, the default) or the whole pass by stage 1's; per sample that is the same
+    # function, and the weight gradients are the sums over the chunks.
     from coatvit import runtime
 
     monkeypatch.setattr(runtime, "fresh_pages_for_large_blocks", lambda: True)
     model = _model("coat_test", **({"features_only": True} if features_only else {})).train()
+    monkeypatch.setattr(model, "train_chunk_stages", per_stage)
     x = torch.randn(5, 3, *SIZE)
-    tokens = (SIZE[0] // 4) * (SIZE[1] // 4) + 1
-    hidden = int(model.config.embed_dims[0] * model.config.mlp_ratios[0])
-    monkeypatch.setattr(model, "train_chunk_bytes", 4 * tokens * hidden * 4)  # up to four images per chunk
-    assert model.train_chunk_images(x) == 4
+    # coat_test at 68 x 100: MLP hidden layers per image of 426 x 32 (stage 1), 97 x 64 (stage 2 and the parallel
+    # blocks' largest scale), 25 x 64 and 7 x 64 floats
+    monkeypatch.setattr(model, "train_chunk_bytes", 2 * 426 * 32 * 4)  # two images of stage 1 per chunk
+    assert model.train_chunk_images(x) == 2
     calls = []
-    forward_batch = model.forward_batch
-    monkeypatch.setattr(model, "forward_batch", lambda c: calls.append(c.shape[0]) or forward_batch(c))
+    if per_stage:
+        serial, parallel = model.serial_stage, model.parallel_stage
+        monkeypatch.setattr(model, "serial_stage", lambda i, t, c: calls.append((i, t.shape[0])) or serial(i, t, c))
+        monkeypatch.setattr(model, "parallel_stage",
+                            lambda t, sizes, c: calls.append(("parallel", t[0].shape[0])) or parallel(t, sizes, c))
+    else:
+        forward_batch = model.forward_batch
+        monkeypatch.setattr(model, "forward_batch", lambda c: calls.append(c.shape[0]) or forward_batch(c))
 
     def run(chunks):
         monkeypatch.setattr(model, "train_in_chunks", chunks)
@@ -371,11 +380,27 @@ def test_training_in_image_chunks_equals_the_whole_batch(monkeypatch, features_o
         return [o.detach() for o in outs], [p.grad.clone() for p in model.parameters()]
 
     (chunked, chunked_grads), (whole, whole_grads) = run(True), run(False)
-    assert calls == [3, 2, 5]  # as few chunks as the limit allows, balanced (not 4 + 1); then the whole batch
+    if per_stage:  # as few chunks as each stage's limit allows, balanced (stage 2: 4 images allowed, so 3 + 2)
+        assert calls == [(1, 2), (1, 2), (1, 1), (2, 3), (2, 2), (3, 5), (4, 5), ("parallel", 3), ("parallel", 2),
+                         (1, 5), (2, 5), (3, 5), (4, 5), ("parallel", 5)]
+    else:
+        assert calls == [2, 2, 1, 5]
     for a, b in zip(chunked, whole):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
     for a, b in zip(chunked_grads, whole_grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_training_chunks_split_evenly():
+    from coatvit.model import CoaT
+
+    x = torch.arange(16.0)
+    (out,), extra = CoaT.in_train_chunks(lambda t: ([t[0] * 2], len(t[0])), [x], 3)
+    assert torch.equal(out, x * 2) and extra == 3  # chunks of 3, 3, 3, 3, 2, 2: the first has 3
+    sizes = []
+    CoaT.in_train_chunks(lambda t: sizes.append(len(t[0])) or ([t[0]], None), [x], 3)
+    assert sizes == [3, 3, 3, 3, 2, 2]
+    assert CoaT.in_train_chunks(lambda t: ([t[0]], "whole"), [x], 0)[1] == "whole"
 
 
 def test_training_chunks_only_where_fresh_pages_cost_and_gradients_flow(monkeypatch):

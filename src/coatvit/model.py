@@ -665,6 +665,8 @@ class CoaT(nn.Module):
         """
         self.check_input(x)
         B = x.shape[0]
+        cfg = self.config
+        chunked = self.train_chunk_stages and self.train_chunks_on(x)
         xs: list[torch.Tensor] = []
         sizes: list[Size] = []
         for i in range(1, num_stages + 1):
@@ -674,28 +676,52 @@ class CoaT(nn.Module):
                 H, W = sizes[-1]
                 # (B, C, H, W), class token dropped; contiguous NCHW like the reference (conv results depend on layout)
                 x = xs[-1][:, 1:].transpose(1, 2).reshape(B, -1, H, W).contiguous()
-            x, size = getattr(self, f"patch_embed{i}")(x)  # (B, H*W, C)
-            x = torch.cat((getattr(self, f"cls_token{i}").expand(B, -1, -1), x), dim=1)  # (B, N, C)
-            cpe, crpe = getattr(self, f"cpe{i}"), getattr(self, f"crpe{i}")
-            blocks = getattr(self, f"serial_blocks{i}")
-            for j, blk in enumerate(blocks):
-                if class_token_only and self.parallel_blocks is None and i == 4 and j == len(blocks) - 1:
-                    x = self._call(blk.forward_class_token, x, size, cpe)
-                else:
-                    x = self._call(blk, x, size, cpe, crpe)
+            last = class_token_only and self.parallel_blocks is None and i == 4
+            images = 0
+            if chunked:
+                stride = cfg.patch_size if i == 1 else 2
+                tokens = (x.shape[-2] // stride) * (x.shape[-1] // stride) + 1
+                images = self.images_per_train_chunk(B, tokens, cfg.embed_dims[i - 1] * cfg.mlp_ratios[i - 1], x)
+            (x,), size = self.in_train_chunks(lambda t: self.serial_stage(i, t[0], last), [x], images)
             xs.append(x)
             sizes.append(size)
         if self.parallel_blocks is not None and num_stages == 4:
-            cpes = [self.cpe2, self.cpe3, self.cpe4]
-            crpes = [self.crpe2, self.crpe3, self.crpe4]
-            scales = xs[1:]
-            for j, blk in enumerate(self.parallel_blocks):
-                if class_token_only and j == len(self.parallel_blocks) - 1:
-                    scales = self._call(blk.forward_class_token, scales, sizes[1:], cpes)
-                else:
-                    scales = self._call(blk, scales, sizes[1:], cpes, crpes)
-            xs = xs[:1] + list(scales)
+            images = 0
+            if chunked:
+                tokens = sizes[1][0] * sizes[1][1] + 1  # scale 2, the largest
+                images = self.images_per_train_chunk(B, tokens, cfg.embed_dims[1] * cfg.mlp_ratios[1], x)
+            scales, _ = self.in_train_chunks(lambda t: (self.parallel_stage(t, sizes[1:], class_token_only), None),
+                                             xs[1:], images)
+            xs = xs[:1] + scales
         return xs, sizes
+
+    def serial_stage(self, i: int, x: torch.Tensor, class_token_only: bool) -> tuple[list[torch.Tensor], Size]:
+        """Patch embedding, class token and serial blocks of stage i (1-4) on its input map (B, C, H, W): the tokens
+        (B, N, C) as a one-element list, and the grid size. With `class_token_only` the last block returns only its
+        class-token rows."""
+        B = x.shape[0]
+        x, size = getattr(self, f"patch_embed{i}")(x)  # (B, H*W, C)
+        x = torch.cat((getattr(self, f"cls_token{i}").expand(B, -1, -1), x), dim=1)  # (B, N, C)
+        cpe, crpe = getattr(self, f"cpe{i}"), getattr(self, f"crpe{i}")
+        blocks = getattr(self, f"serial_blocks{i}")
+        for j, blk in enumerate(blocks):
+            if class_token_only and j == len(blocks) - 1:
+                x = self._call(blk.forward_class_token, x, size, cpe)
+            else:
+                x = self._call(blk, x, size, cpe, crpe)
+        return [x], size
+
+    def parallel_stage(self, scales: list[torch.Tensor], sizes: list[Size],
+                       class_token_only: bool) -> list[torch.Tensor]:
+        """The parallel blocks over the tokens of scales 2-4."""
+        cpes = [self.cpe2, self.cpe3, self.cpe4]
+        crpes = [self.crpe2, self.crpe3, self.crpe4]
+        for j, blk in enumerate(self.parallel_blocks):
+            if class_token_only and j == len(self.parallel_blocks) - 1:
+                scales = self._call(blk.forward_class_token, scales, sizes, cpes)
+            else:
+                scales = self._call(blk, scales, sizes, cpes, crpes)
+        return list(scales)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         """CoaT-Lite: normed tokens of scale 4 (B, N4, C). CoaT: normed tokens of scales 2-4, a list of three."""
@@ -764,31 +790,55 @@ class CoaT(nn.Module):
     # with the allocator tuned (benchmarks/train_chunks.py, BENCHMARKS.md), hence the allocator test.
     train_in_chunks = True
 
+    # Chunk each stage by its own activations (True: stage 1 a few images at a time, later stages more, the parallel
+    # blocks of 16 images at 224 px in two chunks) or the whole forward pass by stage 1's (False). Per stage was
+    # 1.09-1.10x faster for coat_lite_tiny and 1.08-1.09x for coat_tiny in two runs, in spite of more page faults
+    # (benchmarks/train_chunks.py --layouts stages pass, BENCHMARKS.md).
+    train_chunk_stages = True
+
     # largest activation of one chunk (the stage-1 MLP's hidden layer), under glibc's 32 MiB mmap-threshold ceiling:
     # 3 images at 224 px, faster than 2 (16 MiB) in three runs (coat_lite_tiny 1.04-1.17x, coat_tiny 1.01-1.03x);
     # 4 images (28 MiB) brought page faults back (benchmarks/train_chunks.py --chunk-mib, BENCHMARKS.md)
     train_chunk_bytes = 24 << 20
 
-    def train_chunk_images(self, x: torch.Tensor) -> int:
-        """Images per chunk of a CPU training forward pass, or 0 to run the batch whole (see `train_in_chunks`).
+    def train_chunks_on(self, x: torch.Tensor) -> bool:
+        """Whether a forward pass on images `x` runs its training chunks (see `train_in_chunks`).
 
         Per sample the chunks compute what the whole batch does (nothing in CoaT mixes samples), and the weight
         gradients are the sums over chunks; drop path draws each chunk's masks in turn.
         """
         if not (self.train_in_chunks and x.device.type == "cpu" and use_fast(self, x) and torch.is_grad_enabled()):
-            return 0
+            return False
         if torch.compiler.is_compiling() or not runtime.fresh_pages_for_large_blocks():
-            return 0
-        if not (x.requires_grad or any(p.requires_grad for p in self.parameters())):
+            return False
+        return x.requires_grad or any(p.requires_grad for p in self.parameters())
+
+    def images_per_train_chunk(self, batch: int, tokens: int, hidden: float, like: torch.Tensor) -> int:
+        """Images per chunk that keep an MLP hidden layer of `tokens` x `hidden` per image within
+        `train_chunk_bytes`, or 0 when the whole batch fits."""
+        images = max(1, self.train_chunk_bytes // (tokens * int(hidden) * like.element_size()))
+        return images if batch > images else 0
+
+    def train_chunk_images(self, x: torch.Tensor) -> int:
+        """Images per chunk of stage 1 in a CPU training forward pass on images `x`, or 0 to run the batch whole."""
+        if not self.train_chunks_on(x):
             return 0
         cfg = self.config
         tokens = (x.shape[-2] // cfg.patch_size) * (x.shape[-1] // cfg.patch_size) + 1
-        hidden = int(cfg.embed_dims[0] * cfg.mlp_ratios[0])
-        images = max(1, self.train_chunk_bytes // (tokens * hidden * x.element_size()))
-        return images if x.shape[0] > images else 0
+        return self.images_per_train_chunk(x.shape[0], tokens, cfg.embed_dims[0] * cfg.mlp_ratios[0], x)
+
+    @staticmethod
+    def in_train_chunks(fn, inputs: list[torch.Tensor], images: int):
+        """`fn(inputs)` -> (list of tensors, extra), run on chunks of at most `images` images (0: the whole batch),
+        as few and as even as that allows (16 images by 3 are 3, 3, 3, 3, 2, 2); the lists are concatenated."""
+        if not images:
+            return fn(inputs)
+        chunks = -(-inputs[0].shape[0] // images)
+        outs = [fn(list(part)) for part in zip(*(t.tensor_split(chunks) for t in inputs))]
+        return [torch.cat(level) for level in zip(*(o[0] for o in outs))], outs[0][1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
-        images = self.train_chunk_images(x)
+        images = 0 if self.train_chunk_stages else self.train_chunk_images(x)
         if images:
             chunks = -(-x.shape[0] // images)  # as few chunks as that allows, balanced: 16 images by 3 are 3,3,3,3,2,2
             outs = [self.forward_batch(chunk) for chunk in x.tensor_split(chunks)]
