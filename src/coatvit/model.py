@@ -677,11 +677,7 @@ class CoaT(nn.Module):
                 # (B, C, H, W), class token dropped; contiguous NCHW like the reference (conv results depend on layout)
                 x = xs[-1][:, 1:].transpose(1, 2).reshape(B, -1, H, W).contiguous()
             last = class_token_only and self.parallel_blocks is None and i == 4
-            images = 0
-            if chunked:
-                stride = cfg.patch_size if i == 1 else 2
-                tokens = (x.shape[-2] // stride) * (x.shape[-1] // stride) + 1
-                images = self.images_per_train_chunk(B, tokens, cfg.embed_dims[i - 1] * cfg.mlp_ratios[i - 1], x)
+            images = self.stage_chunk_images(i, x) if chunked else 0
             (x,), size = self.in_train_chunks(lambda t: self.serial_stage(i, t[0], last), [x], images)
             xs.append(x)
             sizes.append(size)
@@ -819,13 +815,16 @@ class CoaT(nn.Module):
         images = max(1, self.train_chunk_bytes // (tokens * int(hidden) * like.element_size()))
         return images if batch > images else 0
 
+    def stage_chunk_images(self, i: int, x: torch.Tensor) -> int:
+        """`images_per_train_chunk` for serial stage i (1-4) on its input map `x` (images for stage 1)."""
+        cfg = self.config
+        stride = cfg.patch_size if i == 1 else 2
+        tokens = (x.shape[-2] // stride) * (x.shape[-1] // stride) + 1
+        return self.images_per_train_chunk(x.shape[0], tokens, cfg.embed_dims[i - 1] * cfg.mlp_ratios[i - 1], x)
+
     def train_chunk_images(self, x: torch.Tensor) -> int:
         """Images per chunk of stage 1 in a CPU training forward pass on images `x`, or 0 to run the batch whole."""
-        if not self.train_chunks_on(x):
-            return 0
-        cfg = self.config
-        tokens = (x.shape[-2] // cfg.patch_size) * (x.shape[-1] // cfg.patch_size) + 1
-        return self.images_per_train_chunk(x.shape[0], tokens, cfg.embed_dims[0] * cfg.mlp_ratios[0], x)
+        return self.stage_chunk_images(1, x) if self.train_chunks_on(x) else 0
 
     @staticmethod
     def in_train_chunks(fn, inputs: list[torch.Tensor], images: int):
@@ -840,11 +839,12 @@ class CoaT(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         images = 0 if self.train_chunk_stages else self.train_chunk_images(x)
         if images:
-            chunks = -(-x.shape[0] // images)  # as few chunks as that allows, balanced: 16 images by 3 are 3,3,3,3,2,2
-            outs = [self.forward_batch(chunk) for chunk in x.tensor_split(chunks)]
-            if isinstance(outs[0], torch.Tensor):
-                return torch.cat(outs)
-            return [torch.cat(level) for level in zip(*outs)]  # features_only: one map per level
+            def run(t: list[torch.Tensor]) -> tuple[list[torch.Tensor], bool]:
+                out = self.forward_batch(t[0])
+                return (out, False) if isinstance(out, list) else ([out], True)  # features_only: one map per level
+
+            outs, single = self.in_train_chunks(run, [x], images)
+            return outs[0] if single else outs
         return self.forward_batch(x)
 
     def forward_batch(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
