@@ -107,6 +107,108 @@ def test_models_with_triton_kernels_match_the_default_path_in_the_interpreter():
 
 
 @needs_triton
+def test_layer_norm_kernel_matches_pytorch_in_the_interpreter():
+    # Every width CoaT normalizes (64-512, 152 and 216 not powers of two) and an odd one; row counts that are not
+    # multiples of a program's rows; strided and empty inputs; fp32/bf16 in and out.
+    result = _interpret("""
+        import json, torch, torch.nn.functional as F
+        from coatvit import kernels
+        torch.manual_seed(0)
+        errors = {}
+        for C in (37, 64, 128, 152, 216, 320, 512):
+            w, b = torch.randn(C), torch.randn(C)
+            x = torch.randn(3, 29, C) * 3 + 5  # an offset mean: a one-pass variance would lose digits
+            for name, t in (("dense", x), ("rows", x[:, :1]), ("strided", x[:, ::2])):
+                ref = F.layer_norm(t, (C,), w, b, 1e-6)
+                got = kernels.layer_norm(t, w, b, 1e-6)
+                errors[f"{C}/{name}"] = [(got - ref).abs().max().item(), list(got.shape) == list(t.shape)]
+            # fp32 in, 16-bit out: the fp32 result rounded (to nearest on a GPU and for fp16 here; the interpreter
+            # truncates to bf16, so that is checked to one bf16 ulp here and exactly by the GPU test)
+            fp32 = kernels.layer_norm(x, w, b, 1e-6)
+            half = kernels.layer_norm(x, w, b, 1e-6, torch.float16)
+            low = kernels.layer_norm(x, w, b, 1e-6, torch.bfloat16)
+            ref = F.layer_norm(x, (C,), w, b, 1e-6)
+            errors[f"{C}/bf16-out"] = [((low.float() - ref).abs() / ref.abs().clamp_min(1e-3)).max().item(),
+                                       low.dtype == torch.bfloat16 and torch.equal(half, fp32.half())]
+            got = kernels.layer_norm(x.bfloat16(), w, b, 1e-6, torch.float32)  # bf16 in, computed in fp32
+            ref = F.layer_norm(x.bfloat16().float(), (C,), w, b, 1e-6)
+            errors[f"{C}/bf16-in"] = [(got - ref).abs().max().item(), got.dtype == torch.float32]
+        empty = kernels.layer_norm(torch.randn(0, 5, 64), torch.ones(64), torch.zeros(64), 1e-6)
+        errors["empty"] = [0.0, list(empty.shape) == [0, 5, 64]]
+        print(json.dumps(errors))
+    """)
+    assert len(result) == 7 * 5 + 1
+    for key, (err, shape_and_dtype) in result.items():
+        assert shape_and_dtype, key
+        # bf16 out: within one bf16 ulp (2^-7 relative) of PyTorch's fp32 result
+        assert err < (2 ** -7 if key.endswith("bf16-out") else 1e-5), (key, err)
+
+
+@needs_triton
+def test_layer_norm_sweep_checks_every_setting_and_names_the_best_in_the_interpreter():
+    # benchmarks/layer_norm_sweep.py as a GPU session runs it, here on the interpreter (timings meaningless)
+    script = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "layer_norm_sweep.py")
+    done = subprocess.run([sys.executable, script, "--device", "cpu", "--batch-size", "1", "--shapes", "s4-512"],
+                          capture_output=True, text=True, env=_child_env(TRITON_INTERPRET="1"), timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    assert sum("elements," in line for line in lines) == 7  # every setting holds a 512-wide row
+    assert lines[-1].startswith("best for rows of 512 (padded): NORM_LAUNCH[512] = ("), lines[-1]
+    refused = subprocess.run([sys.executable, script, "--device", "cpu"], capture_output=True, text=True,
+                             env=_child_env(TRITON_INTERPRET="0"), timeout=300)
+    assert refused.returncode != 0 and "TRITON_INTERPRET=1" in refused.stderr
+
+
+@needs_triton
+def test_layer_norm_kernel_output_dtype_follows_autocast_in_the_interpreter():
+    # Under autocast, a block's norm1/norm2 (read only by Linears) write the autocast dtype, the values autocast's
+    # fp32 LayerNorm becomes in the Linear's cast; the other norms stay fp32, as autocast makes them. Autograd
+    # recording keeps PyTorch's LayerNorm (no backward kernel).
+    result = _interpret("""
+        import json, torch, coatvit
+        from coatvit import kernels
+        from coatvit.model import LayerNorm
+        torch.manual_seed(0)
+        block_norm, stem_norm = LayerNorm(64, 1e-6, feeds_linear=True), LayerNorm(64, 1e-5)
+        for norm in (block_norm, stem_norm):
+            torch.nn.init.normal_(norm.weight), torch.nn.init.normal_(norm.bias)
+        x = torch.randn(2, 50, 64)
+        calls = []
+        original = kernels.layer_norm
+        kernels.layer_norm = lambda *a, **k: calls.append(1) or original(*a, **k)
+        kernels.set_enabled(True)
+        out = {}
+        with torch.no_grad():
+            with torch.autocast("cpu", torch.bfloat16):
+                a, b = block_norm(x), stem_norm(x)
+            out["autocast"] = [str(a.dtype), str(b.dtype), len(calls)]
+            kernels.set_enabled(False)
+            with torch.autocast("cpu", torch.bfloat16):
+                ref_a, ref_b = block_norm(x), stem_norm(x)
+            kernels.set_enabled(True)
+            rel = (a.float() - ref_a.to(torch.bfloat16).float()).abs() / ref_a.abs().clamp_min(1e-3)
+            out["same"] = [rel.max().item(),
+                           (b - ref_b).abs().max().item()]
+            out["plain"] = [str(block_norm(x).dtype), len(calls)]
+        calls.clear()
+        model = coatvit.create_model("coat_lite_tiny", num_classes=10)
+        with torch.no_grad():
+            model.eval()(torch.randn(1, 3, 64, 64))
+        out["eval_calls"] = len(calls)
+        calls.clear()
+        model.train()(torch.randn(1, 3, 64, 64)).sum().backward()
+        out["train_calls"] = len(calls)
+        kernels.set_enabled(None)
+        print(json.dumps(out))
+    """)
+    assert result["autocast"] == ["torch.bfloat16", "torch.float32", 2], result
+    assert result["same"][0] < 2 ** -7 and result["same"][1] < 1e-5, result  # within one bf16 ulp, relative
+    assert result["plain"] == ["torch.float32", 3], result
+    assert result["eval_calls"] >= 4 + 8 * 2 + 1, result  # patch embeddings, 8 blocks' two norms, the final norm
+    assert result["train_calls"] == 0, result
+
+
+@needs_triton
 def test_attention_kernel_gradients_match_the_eager_fast_path_in_the_interpreter():
     # The backward kernels: gradients of the block input and of every attention and CRPE weight, with and
     # without CRPE, narrow (8, padded to 16), CoaT's 19 (padded to 32) and wide (40) heads, several token blocks.
@@ -214,23 +316,24 @@ def test_kernel_mode_follows_the_setting_then_the_environment(monkeypatch):
         assert kernels.mode() == "auto"
 
 
-def test_kernel_policy_is_cuda_inference_by_default():
-    ampere, volta = (8, 0), (7, 0)
-    # auto: CUDA inference on compute capability >= 8.0; never training, never a CPU tensor outside the interpreter
-    assert kernels.decide("auto", "cuda", ampere, grad=False, interpreter=False)
-    assert kernels.decide("auto", "cuda", (9, 0), grad=False, interpreter=False)
-    assert not kernels.decide("auto", "cuda", ampere, grad=True, interpreter=False)
-    assert not kernels.decide("auto", "cuda", volta, grad=False, interpreter=False)
-    assert not kernels.decide("auto", "cpu", None, grad=False, interpreter=False)
-    assert not kernels.decide("auto", "cpu", None, grad=False, interpreter=True)
-    # on: every CUDA forward, training included; CPU tensors only under the interpreter
-    assert kernels.decide("on", "cuda", volta, grad=True, interpreter=False)
-    assert kernels.decide("on", "cpu", None, grad=True, interpreter=True)
-    assert not kernels.decide("on", "cpu", None, grad=False, interpreter=False)
-    assert not kernels.decide("on", "mps", None, grad=False, interpreter=False)
+def test_kernel_policy_is_cuda_batches_by_default():
+    ampere, volta, small = (8, 0), (7, 0), kernels.AUTO_MIN_BATCH - 1
+    # auto: CUDA inference and training on compute capability >= 8.0 from AUTO_MIN_BATCH images up; never a CPU
+    # tensor outside the interpreter
+    assert kernels.decide("auto", "cuda", ampere, interpreter=False)
+    assert kernels.decide("auto", "cuda", (9, 0), interpreter=False, batch=256)
+    assert not kernels.decide("auto", "cuda", (9, 0), interpreter=False, batch=small)
+    assert not kernels.decide("auto", "cuda", volta, interpreter=False)
+    assert not kernels.decide("auto", "cpu", None, interpreter=False)
+    assert not kernels.decide("auto", "cpu", None, interpreter=True)
+    # on: every CUDA forward, any batch; CPU tensors only under the interpreter
+    assert kernels.decide("on", "cuda", volta, interpreter=False, batch=1)
+    assert kernels.decide("on", "cpu", None, interpreter=True, batch=1)
+    assert not kernels.decide("on", "cpu", None, interpreter=False)
+    assert not kernels.decide("on", "mps", None, interpreter=False)
     # off: never
-    assert not kernels.decide("off", "cuda", ampere, grad=False, interpreter=False)
-    assert not kernels.decide("off", "cpu", None, grad=False, interpreter=True)
+    assert not kernels.decide("off", "cuda", ampere, interpreter=False)
+    assert not kernels.decide("off", "cpu", None, interpreter=True)
 
 
 @needs_triton
@@ -268,7 +371,8 @@ def test_by_default_a_failed_kernel_launch_warns_once_and_the_eager_ops_take_ove
         raise RuntimeError("Failed to find C compiler. Please specify via CC environment variable.")
 
     monkeypatch.setattr(kernels, "factor_attention", broken)
-    with pytest.warns(RuntimeWarning, match="Triton attention kernels failed .*C compiler.*COATVIT_TRITON=0"):
+    monkeypatch.setattr(kernels, "layer_norm", broken)  # the first launch is the patch embedding's LayerNorm
+    with pytest.warns(RuntimeWarning, match="Triton kernels failed .*C compiler.*COATVIT_TRITON=0"):
         with torch.no_grad():
             out = model(x)
     assert torch.equal(out, expected) and len(launches) == 1
@@ -288,6 +392,7 @@ def test_by_default_a_failed_kernel_launch_warns_once_and_the_eager_ops_take_ove
         raise torch.OutOfMemoryError("CUDA out of memory")
 
     monkeypatch.setattr(kernels, "factor_attention", out_of_memory)
+    monkeypatch.setattr(kernels, "layer_norm", out_of_memory)
     with pytest.raises(torch.OutOfMemoryError), torch.no_grad():
         model(x)
 
@@ -356,23 +461,57 @@ def test_kernels_on_a_gpu_match_the_default_path(monkeypatch, name):
 
 @needs_triton
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the policy itself is tested above)")
-def test_by_default_a_gpu_runs_the_kernels_for_inference_only(monkeypatch):
+def test_by_default_a_gpu_runs_the_kernels_for_batches_in_inference_and_training(monkeypatch):
     monkeypatch.delenv(kernels.ENV, raising=False)
-    calls = []
-    forward = kernels._forward
+    calls, norms = [], []
+    forward, layer_norm = kernels._forward, kernels.layer_norm
     monkeypatch.setattr(kernels, "_forward", lambda *a: calls.append(1) or forward(*a))
+    monkeypatch.setattr(kernels, "layer_norm", lambda *a: norms.append(1) or layer_norm(*a))
     model = coatvit.create_model("coat_lite_tiny", num_classes=10).cuda()
-    x = torch.randn(2, 3, 96, 128, device="cuda")
+    x = torch.randn(kernels.AUTO_MIN_BATCH, 3, 96, 128, device="cuda")
+    ampere = torch.cuda.get_device_capability() >= (8, 0)
     with torch.no_grad():
         fast = model.eval()(x)
-    assert len(calls) == 7 if torch.cuda.get_device_capability() >= (8, 0) else not calls
-    calls.clear()
+    assert (len(calls), len(norms)) == ((7, 21) if ampere else (0, 0))
+    calls.clear(), norms.clear()
     kernels.set_enabled(False)
     try:
         with torch.no_grad():
             eager = model(x)
     finally:
         kernels.set_enabled(None)
-    assert not calls and (fast - eager).abs().max().item() < 1e-3  # TF32 may be on: both paths' GEMMs round alike
+    assert not calls and not norms
+    assert (fast - eager).abs().max().item() < 1e-3  # TF32 may be on: both paths' GEMMs round alike
+    with torch.no_grad():
+        model(x[:1])
+    assert not calls and not norms  # batch 1: the eager ops, faster while the GPU waits on the CPU
     model.train()(x).sum().backward()
-    assert not calls  # training keeps the eager ops unless COATVIT_TRITON=1
+    assert len(calls) == (7 if ampere else 0) and not norms  # training: the attention kernels (the last block's
+    # class-token row aside, as in inference), PyTorch's LayerNorm
+
+
+@needs_triton
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the interpreter tests above run here)")
+def test_layer_norm_kernel_on_a_gpu_matches_pytorch_and_rounds_to_nearest():
+    torch.manual_seed(0)
+    for C in (64, 152, 320, 512):
+        w, b = torch.randn(C, device="cuda"), torch.randn(C, device="cuda")
+        x = torch.randn(4, 3137, C, device="cuda") * 3 + 5
+        fp32 = kernels.layer_norm(x, w, b, 1e-6)
+        assert (fp32 - torch.nn.functional.layer_norm(x, (C,), w, b, 1e-6)).abs().max().item() < 1e-4
+        low, rounded = kernels.layer_norm(x, w, b, 1e-6, torch.bfloat16).float(), fp32.to(torch.bfloat16).float()
+        # rounded to nearest: the two compiled variants' fp32 values differ in the last bits only, which moves a
+        # few values to the neighbouring bf16 (5e-5 of them on an H100); truncation would change about half
+        changed = (low != rounded).float().mean().item()
+        assert changed < 1e-3, (C, changed)
+        assert (low - rounded).abs().max().item() <= 2 ** -7 * rounded.abs().max().item(), C
+    model = coatvit.create_model("coat_tiny", num_classes=10).cuda().eval()
+    x = torch.randn(8, 3, 224, 224, device="cuda")
+    with torch.no_grad(), torch.autocast("cuda", torch.bfloat16):  # the GPU default: both kernels, bf16 norms
+        fast = model(x).float()
+        kernels.set_enabled(False)
+        try:
+            eager = model(x).float()
+        finally:
+            kernels.set_enabled(None)
+    assert (fast - eager).abs().max().item() < 0.05 * eager.abs().max().item()  # bf16 AMP on both paths

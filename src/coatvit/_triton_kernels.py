@@ -129,3 +129,22 @@ def input_grad_kernel(qkv_ptr, g_ptr, ctx_ptr, dctx_ptr, delta_ptr, stats_ptr, c
     tl.store(dqkv_ptr + rows + c[None, :], dq.to(dty), mask=mask)
     tl.store(dqkv_ptr + rows + C + c[None, :], dk.to(dty), mask=mask)
     tl.store(dqkv_ptr + rows + 2 * C + c[None, :], dv.to(dty), mask=mask)
+
+
+@triton.jit
+def layer_norm_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, C, stride_x, stride_y, eps,
+                      BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    """y = (x - mean) / sqrt(var + eps) * w + b over the last dimension, BLOCK_M rows per program, in fp32 from
+    inputs of any float dtype; y is stored in its own dtype (bf16 where a Linear under autocast reads it)."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_C)
+    cmask = cols < C
+    mask = (rows < M)[:, None] & cmask[None, :]
+    x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    mean = tl.sum(x, axis=1) / C
+    xc = tl.where(mask, x - mean[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / C + eps)  # two passes over registers: no cancellation
+    w = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+    b = tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+    y = xc * rstd[:, None] * w[None, :] + b[None, :]
+    tl.store(y_ptr + rows[:, None] * stride_y + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)

@@ -71,9 +71,9 @@ class BenchmarkConfig:
             no longer change; graphs that need gradients (training) ignore it.
         vs: baselines measured against ours, each interleaved with it: 'timm', 'timm-compile', 'reference'
             (our reference path), 'ours-compile', 'ours-ckpt' (ours with gradient checkpointing: the training
-            speed and peak memory it trades), 'ours-triton' (ours with the Triton attention kernels of
-            `coatvit.kernels` forced on, training included: CUDA), 'ours-no-triton' (ours with them off; 'ours'
-            itself follows their default, `COATVIT_TRITON`: on for CUDA inference).
+            speed and peak memory it trades), 'ours-triton' (ours with the Triton kernels of `coatvit.kernels`
+            forced on, any batch size: CUDA), 'ours-no-triton' (ours with them off; 'ours' itself follows their
+            default, `COATVIT_TRITON`: on for CUDA batches of 128 images or more).
         modes: which of 'infer', 'latency', 'train' to run.
         repeats: interleaved repeats; the median and the spread (min-max) are reported.
         steps: timed steps per repeat (their mean is one sample).

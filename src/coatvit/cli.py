@@ -583,7 +583,7 @@ def _add_benchmark(sub):
                         "graph constants, pre-packed on a CPU: for deployment)")
     p.add_argument("--vs", nargs="*", default=["timm"], metavar="BASELINE",
                    help="baselines: timm, timm-compile, reference, ours-compile, ours-ckpt (with gradient "
-                        "checkpointing), ours-triton / ours-no-triton (Triton attention kernels forced on / off, "
+                        "checkpointing), ours-triton / ours-no-triton (Triton kernels forced on / off, "
                         "CUDA); none: ours alone")
     p.add_argument("--modes", nargs="+", default=["infer", "latency", "train"], metavar="MODE",
                    help="infer (batch), latency (batch 1), train (fwd + bwd + AdamW)")

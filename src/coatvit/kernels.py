@@ -1,4 +1,4 @@
-"""Triton kernels for CoaT's conv-attention on a GPU (by default for CUDA inference).
+"""Triton kernels for CoaT's conv-attention and LayerNorm on a GPU (by default for CUDA batches of 128 images up).
 
 Two forward kernels replace the factorized attention's chain of eager ops (softmax over tokens, K^T V, Q x
 context, the CRPE product and sum, and the head permutes between them), reading q, k and v straight from the qkv
@@ -21,14 +21,21 @@ under autocast are widened on load), so outputs match the eager fast path to flo
 heads fastest, so programs that run together read the same token rows; tokens per block and warps per program
 come from `LAUNCH`, per padded head width (benchmarks/triton_sweep.py).
 
+A fifth, `layer_norm_kernel`, normalizes many rows per program (PyTorch's LayerNorm gives each 64-320-channel row
+a block of threads, mostly idle) and writes its result in the dtype its reader wants: under autocast, bf16 for a
+block's norm1/norm2, which only Linear layers read (`coatvit.model.LayerNorm`). On an H100 it runs the (B, N, C)
+LayerNorm of CoaT's stages 2.4-12x faster than PyTorch's LayerNorm plus the cast (benchmarks/layer_norm_sweep.py).
+Inference only: with autograd recording, PyTorch's LayerNorm runs.
+
 When they run (`mode()`, from `set_enabled` or the environment variable `COATVIT_TRITON`):
 
-- `auto` (the default): CUDA inference only, i.e. CUDA tensors on a GPU of compute capability 8.0 or newer while
-  autograd is off (`torch.no_grad()` / `torch.inference_mode()`). Measured on an H100 (BENCHMARKS.md, bf16 AMP,
-  batch 256): inference 1.28x faster for coat_tiny, equal for coat_lite_tiny, batch-1 latency 1.07-1.2x faster;
-  training steps 0.88x for coat_lite_tiny, so training keeps the eager ops unless asked. If a launch fails (Triton
-  needs a C compiler at run time, say), it warns once and the eager ops serve the rest of the process.
-- `on` (`COATVIT_TRITON=1`, `set_enabled(True)`): every CUDA forward, training included (backward kernels too).
+- `auto` (the default): CUDA tensors on a GPU of compute capability 8.0 or newer, in batches of `AUTO_MIN_BATCH`
+  (128) images or more, inference and training. Measured on an H100 (BENCHMARKS.md, bf16 AMP, batch 256):
+  inference 1.51x faster for coat_lite_tiny and 1.61x for coat_tiny, training 1.15x for coat_tiny and 1.0x for
+  coat_lite_tiny. Smaller batches keep the eager ops, being bound by the CPU's launches (see AUTO_MIN_BATCH). If a
+  launch fails (Triton needs a C compiler at run time, say), it warns once and the eager ops serve the rest of
+  the process.
+- `on` (`COATVIT_TRITON=1`, `set_enabled(True)`): every CUDA forward, any batch size.
 - `off` (`COATVIT_TRITON=0`, `set_enabled(False)`): never.
 
 Never inside torch.compile, torch.export or TorchScript tracing (those see the eager ops, which they fuse or export
@@ -107,8 +114,8 @@ def fall_back(error: BaseException) -> bool:
         return False
     first_line = str(error).strip().split("\n", 1)[0]
     _auto_failure = f"{type(error).__name__}: {first_line}"
-    warnings.warn(f"coatvit: the Triton attention kernels failed ({_auto_failure[:300]}); using the eager attention "
-                  f"ops from now on. Set {ENV}=0 to skip them, or {ENV}=1 to see the full error.", RuntimeWarning,
+    warnings.warn(f"coatvit: the Triton kernels failed ({_auto_failure[:300]}); using the eager ops from now "
+                  f"on. Set {ENV}=0 to skip them, or {ENV}=1 to see the full error.", RuntimeWarning,
                   stacklevel=2)
     return True
 
@@ -118,16 +125,25 @@ def _capability(index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(index)
 
 
-def decide(mode: str, device_type: str, capability: tuple[int, int] | None, grad: bool, interpreter: bool) -> bool:
+# `auto` leaves batches smaller than this to the eager ops. Below it a step is bound by the CPU launching ops (on an
+# H100, coat_lite_tiny inference takes 9-11 ms per step from 2 to 64 images), and the kernels' launches cost the
+# CPU more than the ops they replace. Measured there, kernels on vs off, bf16 inference (BENCHMARKS.md):
+# coat_lite_tiny 0.84x at batch 1, 0.88x at 8, 0.89x at 32, 0.93x at 64, 1.24x at 96, 1.41x at 128, 1.51x at
+# 256; coat_tiny 0.87x at 1, 0.93x at 32, 0.83x at 64, 1.61x at 256.
+AUTO_MIN_BATCH = 128
+
+
+def decide(mode: str, device_type: str, capability: tuple[int, int] | None, interpreter: bool,
+           batch: int = AUTO_MIN_BATCH) -> bool:
     """The policy of `use_kernels`, apart from availability and tracing: `capability` of the CUDA device (None
-    elsewhere), `grad` whether autograd records, `interpreter` whether Triton's CPU interpreter is on."""
+    elsewhere), `interpreter` whether Triton's CPU interpreter is on, `batch` the images in the input."""
     if mode == "off":
         return False
     if device_type == "cpu":
         return interpreter and mode == "on"
     if device_type != "cuda":
         return False
-    return mode == "on" or (not grad and capability is not None and capability >= (8, 0))
+    return mode == "on" or (capability is not None and capability >= (8, 0) and batch >= AUTO_MIN_BATCH)
 
 
 def use_kernels(x: torch.Tensor) -> bool:
@@ -142,7 +158,8 @@ def use_kernels(x: torch.Tensor) -> bool:
     capability = None  # auto needs a CUDA GPU of compute capability 8.0+ (ROCm builds report other numbers)
     if x.is_cuda and torch.version.hip is None:
         capability = _capability(x.device.index if x.device.index is not None else torch.cuda.current_device())
-    return decide(m, x.device.type, capability, torch.is_grad_enabled(), interpreting()) and available()
+    batch = x.shape[0] if x.dim() > 0 else 1
+    return decide(m, x.device.type, capability, interpreting(), batch) and available()
 
 
 def _kernels():
@@ -265,3 +282,36 @@ class _FactorAttention(torch.autograd.Function):
                 qkv.stride(0), qkv.stride(1), grad.stride(0), grad.stride(1), cv.stride(0), cv.stride(1),
                 HAS_CRPE=conv_v is not None, D=D, BLOCK_N=cfg.tile_block, num_warps=cfg.tile_warps)
             return dqkv, dcv, None, None
+
+
+# LayerNorm launch settings per padded row width: (elements per program, i.e. rows x padded width; warps per
+# program). Swept on an H100 (benchmarks/layer_norm_sweep.py, batch 256, fp32 in, bf16 out): at widths 64, 128
+# and 512 the first choice, NORM_DEFAULT, is within 2% of the fastest setting (or is it); at 256 (CoaT's 152 and
+# coat_mini's 216 channels) four rows of one warp take 0.41 ms over the three shapes against 0.49 ms.
+NORM_DEFAULT = (4096, 4)
+NORM_LAUNCH: dict[int, tuple[int, int]] = {256: (1024, 1)}
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
+               out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """LayerNorm over the last dimension in fp32, written as `out_dtype` (default: x's dtype). Inference only (no
+    backward). With `out_dtype=torch.bfloat16` under autocast it saves the fp32 result's round trip to memory and
+    the cast a Linear would make of it: the same bf16 values, as both round the fp32 result to nearest."""
+    import triton
+
+    C = x.shape[-1]
+    x2 = x.reshape(-1, C)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    M = x2.shape[0]
+    y = torch.empty(x.shape, device=x.device, dtype=out_dtype or x.dtype)
+    if M == 0:
+        return y
+    block_c = triton.next_power_of_2(C)
+    elements, warps = NORM_LAUNCH.get(block_c, NORM_DEFAULT)
+    block_m = max(1, elements // block_c)
+    with _device_of(x):
+        _kernels().layer_norm_kernel[(triton.cdiv(M, block_m),)](
+            x2, weight, bias, y, M, C, x2.stride(0), C, eps, BLOCK_M=block_m, BLOCK_C=block_c,
+            num_warps=warps)
+    return y

@@ -21,8 +21,8 @@ computes only the class-token rows of its last block (`CoaT.class_token_shortcut
 feed k and v). Its float summation order differs, so its outputs match the reference to about 1e-6, not bit for
 bit (tests/test_fast_path.py). On the meta device (MAC counting) the reference path runs. Measured, on a CPU the
 fast path's lead over timm's port comes mostly from writing less freshly mapped memory (BENCHMARKS.md, "Where the
-CPU lead comes from"). On a GPU the attention can run as Triton kernels instead, forward and backward
-(`coatvit.kernels`: by default in CUDA inference).
+CPU lead comes from"). On a GPU the attention (forward and backward) and the LayerNorms (inference) can run as
+Triton kernels instead (`coatvit.kernels`: by default for CUDA batches of 128 images or more).
 """
 
 from __future__ import annotations
@@ -48,6 +48,37 @@ def use_fast(module: nn.Module, x: torch.Tensor) -> bool:
     return module.fast_path and not x.is_meta
 
 
+class LayerNorm(nn.LayerNorm):
+    """nn.LayerNorm (same parameters and state-dict keys) whose fast path runs a Triton kernel where the attention
+    kernels run (CUDA inference by default, `coatvit.kernels`): many rows per program instead of PyTorch's one
+    row per block of threads, which leaves CoaT's 64-320-channel rows mostly idle threads.
+
+    `feeds_linear`: only Linear layers read the output (a block's norm1 and norm2), so under autocast it is written
+    in the autocast dtype, the values the Linear's own cast would make of autocast's fp32 LayerNorm output, without
+    the fp32 round trip. The other norms (patch embeddings, final norms) start a residual stream or return
+    features and stay fp32 under autocast, as autocast makes them."""
+
+    fast_path = True
+
+    def __init__(self, dim: int, eps: float, feeds_linear: bool = False):
+        super().__init__(dim, eps=eps)
+        self.feeds_linear = feeds_linear
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (use_fast(self, x) and kernels.use_kernels(x)) or (
+                torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)):  # no backward kernel
+            return super().forward(x)
+        out_dtype = x.dtype
+        if torch.is_autocast_enabled(x.device.type):
+            out_dtype = torch.get_autocast_dtype(x.device.type) if self.feeds_linear else torch.float32
+        try:
+            return kernels.layer_norm(x, self.weight, self.bias, self.eps, out_dtype)
+        except Exception as e:  # by default a failed kernel launch warns once, then PyTorch's LayerNorm runs
+            if not kernels.fall_back(e):
+                raise
+        return super().forward(x)
+
+
 class DropPath(nn.Module):
     """Stochastic depth per sample; the same rate in every block (the authors' choice)."""
 
@@ -69,7 +100,7 @@ class PatchEmbed(nn.Module):
     def __init__(self, in_chans: int, dim: int, stride: int):
         super().__init__()
         self.proj = nn.Conv2d(in_chans, dim, kernel_size=stride, stride=stride)
-        self.norm = nn.LayerNorm(dim, eps=1e-5)
+        self.norm = LayerNorm(dim, eps=1e-5)
 
     fast_path = True
 
@@ -223,7 +254,7 @@ class FactorAttnConvRelPosEnc(nn.Module):
         """
         B, N, C = x.shape
         h = self.num_heads
-        if kernels.use_kernels(x):  # Triton kernels: CUDA inference by default (coatvit/kernels.py)
+        if kernels.use_kernels(x):  # Triton kernels: CUDA batches of 128+ by default (coatvit/kernels.py)
             qkv = self.qkv(x)  # (B, N, 3C)
             conv_v = None if crpe is None else crpe.conv_tokens(qkv[..., 2 * C:], size)
             try:
@@ -355,10 +386,10 @@ class SerialBlock(nn.Module):
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float, qkv_bias: bool, drop_path: float):
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.norm1 = LayerNorm(dim, eps=1e-6, feeds_linear=True)
         self.factoratt_crpe = FactorAttnConvRelPosEnc(dim, num_heads, qkv_bias)
         self.drop_path = DropPath(drop_path)
-        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.norm2 = LayerNorm(dim, eps=1e-6, feeds_linear=True)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
     fast_path = True
@@ -429,9 +460,9 @@ class ParallelBlock(nn.Module):
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float, qkv_bias: bool, drop_path: float):
         super().__init__()
         for s in self.scales:
-            setattr(self, f"norm1{s}", nn.LayerNorm(dim, eps=1e-6))
+            setattr(self, f"norm1{s}", LayerNorm(dim, eps=1e-6, feeds_linear=True))
             setattr(self, f"factoratt_crpe{s}", FactorAttnConvRelPosEnc(dim, num_heads, qkv_bias))
-            setattr(self, f"norm2{s}", nn.LayerNorm(dim, eps=1e-6))
+            setattr(self, f"norm2{s}", LayerNorm(dim, eps=1e-6, feeds_linear=True))
         self.drop_path = DropPath(drop_path)
         self.mlp2 = Mlp(dim, int(dim * mlp_ratio))
 
@@ -554,9 +585,9 @@ class CoaT(nn.Module):
             self.feature_info = FeatureInfo(self.feature_info[i] for i in self.out_indices)
         else:
             parallel = cfg.parallel_depth > 0
-            self.norm2 = nn.LayerNorm(dims[1], eps=1e-6) if parallel else None
-            self.norm3 = nn.LayerNorm(dims[2], eps=1e-6) if parallel else None
-            self.norm4 = nn.LayerNorm(dims[3], eps=1e-6)
+            self.norm2 = LayerNorm(dims[1], eps=1e-6) if parallel else None
+            self.norm3 = LayerNorm(dims[2], eps=1e-6) if parallel else None
+            self.norm4 = LayerNorm(dims[3], eps=1e-6)
             # CoaT: a learned weighted sum (+ bias) of the class tokens of scales 2-4.
             self.aggregate = nn.Conv1d(3, 1, kernel_size=1) if parallel else None
             self.head_drop = nn.Dropout(cfg.drop_rate)
