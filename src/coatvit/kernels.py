@@ -128,7 +128,7 @@ def _capability(index: int) -> tuple[int, int]:
 # `auto` leaves batches smaller than this to the eager ops. Below it a step is bound by the CPU launching ops (on an
 # H100, coat_lite_tiny inference takes 9-11 ms per step from 2 to 64 images), and the kernels' launches cost the
 # CPU more than the ops they replace. Measured there, kernels on vs off, bf16 inference (BENCHMARKS.md):
-# coat_lite_tiny 0.84x at batch 1, 0.88x at 8, 0.89x at 32, 0.93x at 64, 1.24x at 96, 1.41x at 128, 1.51x at
+# coat_lite_tiny 0.84x at batch 1, 0.88x at 8, 0.92x at 32, 0.93x at 64, 1.24x at 96, 1.41x at 128, 1.51x at
 # 256; coat_tiny 0.87x at 1, 0.93x at 32, 0.83x at 64, 1.61x at 256.
 AUTO_MIN_BATCH = 128
 
