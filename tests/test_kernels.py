@@ -99,10 +99,21 @@ def test_models_with_triton_kernels_match_the_default_path_in_the_interpreter():
                 kernels.set_enabled(None)
             errors[name] = [(out - ref).abs().max().item(), len(calls)]
             calls.clear()
+            if name == "coat_lite_tiny":  # stage 4's 40-channel heads (padded to 64) on the kernels too
+                kernels.EAGER_HEAD_WIDTHS.clear()
+                kernels.set_enabled(True)
+                with torch.inference_mode():
+                    out = model(x)
+                kernels.set_enabled(None)
+                kernels.EAGER_HEAD_WIDTHS.add(64)
+                errors["all-widths"] = [(out - ref).abs().max().item(), len(calls)]
+                calls.clear()
         print(json.dumps(errors))
     """)
-    assert result["coat_lite_tiny"][0] < 1e-5 and result["coat_lite_tiny"][1] == 7  # 8 serial blocks; the last
-    # computes only its class-token row, with eager ops (CoaT.class_token_shortcut)
+    # 8 serial blocks; the last computes only its class-token row, with eager ops (CoaT.class_token_shortcut);
+    # stage 4's heads (D 64) keep the eager ops by default (kernels.EAGER_HEAD_WIDTHS)
+    assert result["coat_lite_tiny"][0] < 1e-5 and result["coat_lite_tiny"][1] == 6
+    assert result["all-widths"][0] < 1e-5 and result["all-widths"][1] == 7
     assert result["coat_tiny"][0] < 1e-5 and result["coat_tiny"][1] == 8 + 5 * 3  # + 5 of 6 parallel blocks x 3 scales
 
 
@@ -157,6 +168,22 @@ def test_layer_norm_sweep_checks_every_setting_and_names_the_best_in_the_interpr
     refused = subprocess.run([sys.executable, script, "--device", "cpu"], capture_output=True, text=True,
                              env=_child_env(TRITON_INTERPRET="0"), timeout=300)
     assert refused.returncode != 0 and "TRITON_INTERPRET=1" in refused.stderr
+
+
+@needs_triton
+def test_kernel_widths_script_times_each_width_on_the_eager_ops_in_the_interpreter():
+    # benchmarks/kernel_widths.py as a GPU session runs it, here on the interpreter (timings meaningless)
+    script = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "kernel_widths.py")
+    args = ["--device", "cpu", "--batch-size", "1", "--img-size", "64", "--repeats", "1", "--steps", "1"]
+    done = subprocess.run([sys.executable, script, *args], capture_output=True, text=True,
+                          env=_child_env(TRITON_INTERPRET="1"), timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("coat_lite_tiny infer, batch 1, 64 px, cpu: kernels on every head width "), lines
+    assert lines[1].startswith("  head width 64 on eager ops: "), lines
+    refused = subprocess.run([sys.executable, script, "--device", "cpu", "--eager", "48"], capture_output=True,
+                             text=True, env=_child_env(TRITON_INTERPRET="1"), timeout=300)
+    assert refused.returncode != 0 and "padded head widths 16, 32 or 64; got [48]" in refused.stderr
 
 
 @needs_triton
@@ -217,6 +244,7 @@ def test_attention_kernel_gradients_match_the_eager_fast_path_in_the_interpreter
         from coatvit import kernels
         from coatvit.model import ConvRelPosEnc, FactorAttnConvRelPosEnc
         torch.manual_seed(0)
+        kernels.EAGER_HEAD_WIDTHS.clear()  # every head width on the kernels when they are on
         errors = {}
         for B, H, W, C, h in [(2, 5, 7, 64, 8), (2, 9, 9, 152, 8), (1, 3, 3, 320, 8)]:
             attn = FactorAttnConvRelPosEnc(C, h)
@@ -438,6 +466,7 @@ def test_benchmark_times_ours_against_ours_with_triton_kernels(tmp_path):
 @pytest.mark.parametrize("name", ["coat_lite_tiny", "coat_tiny"])
 def test_kernels_on_a_gpu_match_the_default_path(monkeypatch, name):
     # Compiled by Triton for the GPU at hand: logits and every parameter's gradient, fp32, against the eager path.
+    monkeypatch.setattr(kernels, "EAGER_HEAD_WIDTHS", set())  # every head width on the kernels
     torch.manual_seed(0)
     model = coatvit.create_model(name, num_classes=10).cuda().train()
     x, y = torch.randn(4, 3, 224, 160, device="cuda"), torch.tensor([1, 7, 3, 0], device="cuda")
@@ -472,7 +501,7 @@ def test_by_default_a_gpu_runs_the_kernels_for_batches_in_inference_and_training
     ampere = torch.cuda.get_device_capability() >= (8, 0)
     with torch.no_grad():
         fast = model.eval()(x)
-    assert (len(calls), len(norms)) == ((7, 21) if ampere else (0, 0))
+    assert (len(calls), len(norms)) == ((6, 21) if ampere else (0, 0))  # stage 4's heads (D 64) eager
     calls.clear(), norms.clear()
     kernels.set_enabled(False)
     try:
@@ -486,8 +515,8 @@ def test_by_default_a_gpu_runs_the_kernels_for_batches_in_inference_and_training
         model(x[:1])
     assert not calls and not norms  # batch 1: the eager ops, faster while the GPU waits on the CPU
     model.train()(x).sum().backward()
-    assert len(calls) == (7 if ampere else 0) and not norms  # training: the attention kernels (the last block's
-    # class-token row aside, as in inference), PyTorch's LayerNorm
+    assert len(calls) == (6 if ampere else 0) and not norms  # training: the attention kernels (the last block's
+    # class-token row and stage 4 aside, as in inference), PyTorch's LayerNorm
 
 
 @needs_triton

@@ -32,10 +32,11 @@ When they run (`mode()`, from `set_enabled` or the environment variable `COATVIT
 - `auto` (the default): CUDA tensors on a GPU of compute capability 8.0 or newer, in batches of `AUTO_MIN_BATCH`
   (128) images or more, inference and training. Measured on an H100 (BENCHMARKS.md, bf16 AMP, batch 256):
   inference 1.51x faster for coat_lite_tiny and 1.61x for coat_tiny, training 1.15x for coat_tiny and 1.0x for
-  coat_lite_tiny. Smaller batches keep the eager ops, being bound by the CPU's launches (see AUTO_MIN_BATCH). If a
-  launch fails (Triton needs a C compiler at run time, say), it warns once and the eager ops serve the rest of
-  the process.
-- `on` (`COATVIT_TRITON=1`, `set_enabled(True)`): every CUDA forward, any batch size.
+  coat_lite_tiny. Smaller batches keep the eager ops, being bound by the CPU's launches (see AUTO_MIN_BATCH), and
+  so do attention heads of 40-64 channels (see EAGER_HEAD_WIDTHS). If a launch fails (Triton needs a C compiler
+  at run time, say), it warns once and the eager ops serve the rest of the process.
+- `on` (`COATVIT_TRITON=1`, `set_enabled(True)`): every CUDA forward, any batch size (EAGER_HEAD_WIDTHS still
+  applies; empty it for every head width).
 - `off` (`COATVIT_TRITON=0`, `set_enabled(False)`): never.
 
 Never inside torch.compile, torch.export or TorchScript tracing (those see the eager ops, which they fuse or export
@@ -194,6 +195,19 @@ LAUNCH: dict[int, Launch] = {
 
 def launch(D: int) -> Launch:
     return LAUNCH.get(D, Launch())
+
+
+# Padded head widths whose attention keeps the eager ops even where the policy runs the kernels. D 64 (heads of
+# 40 and 64 channels: stage 4 of coat_lite_tiny, stages 3-4 of coat_lite_mini/small/medium, stages 2-4 of
+# coat_small): on an H100 the conv-attention module of a 14x14-token, 320-channel stage took 5.5-10.8 ms with the
+# kernels under each of four launch settings against 1.2 ms with the eager ops (bf16, batch 256,
+# benchmarks/triton_sweep.py; BENCHMARKS.md). benchmarks/kernel_widths.py times whole models either way.
+EAGER_HEAD_WIDTHS: set[int] = {64}
+
+
+def attention_kernels_for(head_channels: int) -> bool:
+    """Whether heads of this many channels may take the attention kernels (see EAGER_HEAD_WIDTHS)."""
+    return max(16, 1 << (head_channels - 1).bit_length()) not in EAGER_HEAD_WIDTHS
 
 
 def factor_attention(qkv: torch.Tensor, num_heads: int, scale: float,

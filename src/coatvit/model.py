@@ -254,7 +254,8 @@ class FactorAttnConvRelPosEnc(nn.Module):
         """
         B, N, C = x.shape
         h = self.num_heads
-        if kernels.use_kernels(x):  # Triton kernels: CUDA batches of 128+ by default (coatvit/kernels.py)
+        # Triton kernels: CUDA batches of 128+ by default (coatvit/kernels.py)
+        if kernels.use_kernels(x) and kernels.attention_kernels_for(C // h):
             qkv = self.qkv(x)  # (B, N, 3C)
             conv_v = None if crpe is None else crpe.conv_tokens(qkv[..., 2 * C:], size)
             try:
