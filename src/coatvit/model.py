@@ -49,9 +49,9 @@ def use_fast(module: nn.Module, x: torch.Tensor) -> bool:
 
 
 class LayerNorm(nn.LayerNorm):
-    """nn.LayerNorm (same parameters and state-dict keys) whose fast path runs a Triton kernel where the attention
-    kernels run (CUDA inference by default, `coatvit.kernels`): many rows per program instead of PyTorch's one
-    row per block of threads, which leaves CoaT's 64-320-channel rows mostly idle threads.
+    """nn.LayerNorm (same parameters and state-dict keys) whose fast path runs a Triton kernel in inference where
+    the attention kernels run (CUDA batches of 128+ images by default, `coatvit.kernels`): many rows per program
+    instead of PyTorch's one row per block of threads, which leaves CoaT's 64-320-channel rows mostly idle threads.
 
     `feeds_linear`: only Linear layers read the output (a block's norm1 and norm2), so under autocast it is written
     in the autocast dtype, the values the Linear's own cast would make of autocast's fp32 LayerNorm output, without
