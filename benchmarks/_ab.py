@@ -1,6 +1,6 @@
 """Shared command line of the A/B scripts that time one model-level switch on a CPU (crpe_kernels.py,
 class_token_shortcut.py, mlp_chunks.py, train_chunks.py) and of gemm_floor.py: models as NAME:BATCH, image size,
-threads, repeats."""
+threads, repeats; and the device check of the GPU kernel scripts (layer_norm_sweep.py, kernel_widths.py)."""
 
 from __future__ import annotations
 
@@ -28,3 +28,16 @@ def start(args: argparse.Namespace, tune_allocator: bool = True) -> list[tuple[s
     print(f"torch {torch.__version__}, {args.threads} threads, {args.img_size} px, median of {args.repeats}, "
           f"allocator {'tuned' if tune_allocator else 'default'}")
     return [(spec.split(":")[0], int(spec.split(":")[1])) for spec in args.models]
+
+
+def kernel_device(device: str, script: str) -> str:
+    """`device` for a script that times Triton kernels: a visible CUDA GPU, or the CPU under Triton's interpreter
+    (to check the script, timings meaningless); anything else ends the script with the reason."""
+    from coatvit import kernels
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"{script} times kernels on a CUDA GPU; none is visible here (or check it on the CPU under "
+                         "TRITON_INTERPRET=1 with --device cpu)")
+    if device == "cpu" and not kernels.interpreting():
+        raise SystemExit("--device cpu runs the kernels under Triton's interpreter: set TRITON_INTERPRET=1")
+    return device

@@ -24,6 +24,8 @@ import torch.nn.functional as F
 import coatvit
 from coatvit import kernels
 
+import _ab
+
 
 def step_ms(fn, device: str, steps: int) -> float:
     """Mean milliseconds of `steps` calls after one untimed call."""
@@ -49,11 +51,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     args = parser.parse_args()
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("kernel_widths.py times a CUDA GPU; none is visible here (or check it on the CPU under "
-                         "TRITON_INTERPRET=1 with --device cpu)")
-    if args.device == "cpu" and not kernels.interpreting():
-        raise SystemExit("--device cpu runs the kernels under Triton's interpreter: set TRITON_INTERPRET=1")
+    _ab.kernel_device(args.device, "kernel_widths.py")
     bad = [w for w in args.eager if w not in (16, 32, 64)]
     if bad:
         raise SystemExit(f"--eager takes padded head widths 16, 32 or 64; got {bad}")

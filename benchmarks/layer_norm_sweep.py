@@ -24,6 +24,8 @@ import torch.nn.functional as F
 
 from coatvit import kernels
 
+import _ab
+
 # name: (tokens with the class token, channels) of the 224-px stages of the Lite models and of CoaT
 SHAPES = {"s1-64": (3137, 64), "s2-128": (785, 128), "s3-320": (197, 320), "s4-512": (50, 512),
           "tiny-s1-152": (3137, 152), "tiny-s2-152": (785, 152), "mini-s2-216": (785, 216)}
@@ -49,11 +51,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     args = parser.parse_args()
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("layer_norm_sweep.py times kernels on a CUDA GPU; none is visible here (or run it on the "
-                         "CPU under TRITON_INTERPRET=1 with --device cpu, to check it)")
-    if args.device == "cpu" and not kernels.interpreting():
-        raise SystemExit("--device cpu runs the kernel under Triton's interpreter: set TRITON_INTERPRET=1")
+    _ab.kernel_device(args.device, "layer_norm_sweep.py")
     dev = args.device
     torch.manual_seed(0)
     best: dict[int, list] = {}

@@ -205,9 +205,14 @@ def launch(D: int) -> Launch:
 EAGER_HEAD_WIDTHS: set[int] = {64}
 
 
+def _padded_width(head_channels: int) -> int:
+    """The kernels' head width D: the next power of two, at least 16 (`tl.dot`'s minimum)."""
+    return max(16, 1 << (head_channels - 1).bit_length())
+
+
 def attention_kernels_for(head_channels: int) -> bool:
     """Whether heads of this many channels may take the attention kernels (see EAGER_HEAD_WIDTHS)."""
-    return max(16, 1 << (head_channels - 1).bit_length()) not in EAGER_HEAD_WIDTHS
+    return _padded_width(head_channels) not in EAGER_HEAD_WIDTHS
 
 
 def factor_attention(qkv: torch.Tensor, num_heads: int, scale: float,
@@ -231,11 +236,6 @@ def _device_of(t: torch.Tensor):
     """Triton launches on the current CUDA device and its current stream: make that the tensor's device."""
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
-
-def _padded_width(head_channels: int) -> int:
-    import triton
-
-    return max(16, triton.next_power_of_2(head_channels))
 
 
 def _forward(qkv, num_heads, scale, conv_v):
