@@ -1,6 +1,7 @@
 """Shared command line of the A/B scripts that time one model-level switch on a CPU (crpe_kernels.py,
 class_token_shortcut.py, mlp_chunks.py, train_chunks.py) and of gemm_floor.py: models as NAME:BATCH, image size,
-threads, repeats; and the device check of the GPU kernel scripts (layer_norm_sweep.py, kernel_widths.py)."""
+threads, repeats; and the command line and device check of the GPU kernel scripts (layer_norm_sweep.py,
+fused_mlp.py, kernel_widths.py)."""
 
 from __future__ import annotations
 
@@ -28,6 +29,16 @@ def start(args: argparse.Namespace, tune_allocator: bool = True) -> list[tuple[s
     print(f"torch {torch.__version__}, {args.threads} threads, {args.img_size} px, median of {args.repeats}, "
           f"allocator {'tuned' if tune_allocator else 'default'}")
     return [(spec.split(":")[0], int(spec.split(":")[1])) for spec in args.models]
+
+
+def kernel_parser(description: str, shapes: list[str]) -> argparse.ArgumentParser:
+    """Command line of the GPU kernel scripts that time one kernel per CoaT shape (layer_norm_sweep.py,
+    fused_mlp.py): which shapes, the batch size, and the device (cuda, or cpu under Triton's interpreter)."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--shapes", nargs="+", default=shapes, choices=shapes)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    return p
 
 
 def kernel_device(device: str, script: str) -> str:

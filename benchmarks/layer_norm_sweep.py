@@ -15,7 +15,6 @@ last lines give the fastest setting per row width, by the time summed over its s
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 
@@ -46,11 +45,7 @@ def median_ms(fn, device: str) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
-    args = parser.parse_args()
+    args = _ab.kernel_parser(__doc__.splitlines()[0], list(SHAPES)).parse_args()
     _ab.kernel_device(args.device, "layer_norm_sweep.py")
     dev = args.device
     torch.manual_seed(0)

@@ -30,6 +30,13 @@ def _child_env(**extra: str) -> dict:
     return env
 
 
+def _script(name: str, *args: str, interpret: str = "1") -> subprocess.CompletedProcess:
+    """benchmarks/<name> run with `args` in a child process, Triton's interpreter on (or off: interpret="0")."""
+    script = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", name)
+    return subprocess.run([sys.executable, script, *args], capture_output=True, text=True,
+                          env=_child_env(TRITON_INTERPRET=interpret), timeout=600)
+
+
 def _interpret(code: str) -> dict:
     env = _child_env(TRITON_INTERPRET="1")
     done = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=env,
@@ -158,31 +165,25 @@ def test_layer_norm_kernel_matches_pytorch_in_the_interpreter():
 @needs_triton
 def test_layer_norm_sweep_checks_every_setting_and_names_the_best_in_the_interpreter():
     # benchmarks/layer_norm_sweep.py as a GPU session runs it, here on the interpreter (timings meaningless)
-    script = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "layer_norm_sweep.py")
-    done = subprocess.run([sys.executable, script, "--device", "cpu", "--batch-size", "1", "--shapes", "s4-512"],
-                          capture_output=True, text=True, env=_child_env(TRITON_INTERPRET="1"), timeout=600)
+    done = _script("layer_norm_sweep.py", "--device", "cpu", "--batch-size", "1", "--shapes", "s4-512")
     assert done.returncode == 0, done.stderr[-3000:]
     lines = done.stdout.splitlines()
     assert sum("elements," in line for line in lines) == 7  # every setting holds a 512-wide row
     assert lines[-1].startswith("best for rows of 512 (padded): NORM_LAUNCH[512] = ("), lines[-1]
-    refused = subprocess.run([sys.executable, script, "--device", "cpu"], capture_output=True, text=True,
-                             env=_child_env(TRITON_INTERPRET="0"), timeout=300)
+    refused = _script("layer_norm_sweep.py", "--device", "cpu", interpret="0")
     assert refused.returncode != 0 and "TRITON_INTERPRET=1" in refused.stderr
 
 
 @needs_triton
 def test_kernel_widths_script_times_each_width_on_the_eager_ops_in_the_interpreter():
     # benchmarks/kernel_widths.py as a GPU session runs it, here on the interpreter (timings meaningless)
-    script = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "kernel_widths.py")
-    args = ["--device", "cpu", "--batch-size", "1", "--img-size", "64", "--repeats", "1", "--steps", "1"]
-    done = subprocess.run([sys.executable, script, *args], capture_output=True, text=True,
-                          env=_child_env(TRITON_INTERPRET="1"), timeout=600)
+    done = _script("kernel_widths.py", "--device", "cpu", "--batch-size", "1", "--img-size", "64", "--repeats", "1",
+                   "--steps", "1")
     assert done.returncode == 0, done.stderr[-3000:]
     lines = done.stdout.splitlines()
     assert lines[0].startswith("coat_lite_tiny infer, batch 1, 64 px, cpu: kernels on every head width "), lines
     assert lines[1].startswith("  head width 64 on eager ops: "), lines
-    refused = subprocess.run([sys.executable, script, "--device", "cpu", "--eager", "48"], capture_output=True,
-                             text=True, env=_child_env(TRITON_INTERPRET="1"), timeout=300)
+    refused = _script("kernel_widths.py", "--device", "cpu", "--eager", "48")
     assert refused.returncode != 0 and "padded head widths 16, 32 or 64; got [48]" in refused.stderr
 
 
@@ -233,6 +234,106 @@ def test_layer_norm_kernel_output_dtype_follows_autocast_in_the_interpreter():
     assert result["plain"] == ["torch.float32", 3], result
     assert result["eval_calls"] >= 4 + 8 * 2 + 1, result  # patch embeddings, 8 blocks' two norms, the final norm
     assert result["train_calls"] == 0, result
+
+
+@needs_triton
+def test_fused_mlp_kernel_rounds_where_autocast_rounds_in_the_interpreter():
+    # x + fc2(GELU(fc1(LayerNorm(x)))) against the same arithmetic in float64 with every value rounded to the
+    # product dtype where the eager ops under autocast round it: fp32 products exact to float rounding; bf16/fp16
+    # products differ only where fp32 summation order moves a value to the neighbouring step. Leaving out one
+    # rounding (GELU's output, say) changes ~40% of the outputs, so the bounds are tight.
+    result = _interpret("""
+        import json, torch
+        import torch.nn.functional as F
+        from coatvit import kernels
+        torch.manual_seed(0)
+        def expected(x, nw, nb, w1, b1, w2, b2, dt):
+            r = lambda t: t.to(dt).double()
+            xn = r(F.layer_norm(x, (x.shape[-1],), nw, nb, 1e-6))
+            h = r(xn @ r(w1).T + r(b1))
+            o = r(r(F.gelu(h)) @ r(w2).T + r(b2))
+            return (x.double() + o).float(), o.abs().max().item()
+        out = {}
+        for C, H, M in [(64, 512, 154), (152, 608, 45), (256, 1024, 33), (40, 72, 5)]:
+            nw, nb = torch.randn(C) * 0.2 + 1, torch.randn(C) * 0.2
+            w1, b1 = torch.randn(H, C) / C ** 0.5, torch.randn(H) * 0.1
+            w2, b2 = torch.randn(C, H) / H ** 0.5, torch.randn(C) * 0.1
+            x = (torch.randn(M, C + 8) * 2)[:, :C]  # rows with a stride (a slice), as the kernel accepts
+            for dt in (torch.float32, torch.bfloat16, torch.float16):
+                got = kernels.residual_mlp(x, nw, nb, 1e-6, w1, b1, w2, b2, dt)
+                ref, mlp_max = expected(x, nw, nb, w1, b1, w2, b2, dt)
+                d = (got - ref).abs()
+                out[f"{C}-{str(dt)[6:]}"] = [d.max().item() / mlp_max, (d > 0).float().mean().item(),
+                                             list(got.shape) == [M, C]]
+        empty = kernels.residual_mlp(torch.randn(0, 3, 64), nw[:64], nb[:64], 1e-6, torch.randn(256, 64),
+                                     torch.randn(256), torch.randn(64, 256), torch.randn(64), torch.bfloat16)
+        out["empty"] = list(empty.shape)
+        print(json.dumps(out))
+    """)
+    assert result.pop("empty") == [0, 3, 64]
+    for key, (err, changed, shape) in result.items():
+        assert shape, key
+        if key.endswith("float32"):
+            assert err < 1e-6, (key, err)
+        else:  # a step of bf16 (2**-8 relative) or fp16 (2**-11) at most, on few values
+            assert err <= (2 ** -7 if "bfloat16" in key else 2 ** -10), (key, err)
+            assert changed < 0.03, (key, changed)
+
+
+@needs_triton
+def test_models_run_the_fused_mlp_under_autocast_only_in_the_interpreter():
+    # Where a user gets it: inference under bf16 autocast with the kernels on. Each block's MLP of a width in
+    # kernels.FUSED_MLP_WIDTHS (64 and 128 by default) is one kernel; fp32 inference and training keep the eager MLP.
+    result = _interpret("""
+        import json, torch, coatvit
+        from coatvit import kernels
+        calls = []
+        original = kernels.residual_mlp
+        kernels.residual_mlp = lambda *a, **k: calls.append(a[0].shape[-1]) or original(*a, **k)
+        out = {}
+        for name, size in (("coat_lite_tiny", (68, 100)), ("coat_tiny", (36, 52))):
+            torch.manual_seed(0)
+            model = coatvit.create_model(name, num_classes=10).eval()
+            x = torch.randn(2, 3, *size)
+            with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+                ref = model(x).float()
+                kernels.set_enabled(True)
+                model(x)
+                out[name + "-default"] = sorted(set(calls)), len(calls)
+                calls.clear()
+                kernels.FUSED_MLP_WIDTHS.add(256)  # every width the kernel takes
+                got = model(x).float()
+            out[name] = [(got - ref).abs().max().item() / ref.abs().max().item(), sorted(set(calls)), len(calls)]
+            calls.clear()
+            with torch.no_grad():
+                model(x)
+            out[name + "-fp32"] = len(calls)
+            with torch.autocast("cpu", torch.bfloat16):
+                model.train()(x).float().sum().backward()
+            out[name + "-train"] = len(calls)
+            kernels.set_enabled(None)
+            kernels.FUSED_MLP_WIDTHS.discard(256)
+            calls.clear()
+        print(json.dumps(out))
+    """)
+    assert result["coat_lite_tiny-default"] == [[64, 128], 4], result  # stages 1-2, two blocks each
+    assert result["coat_tiny-default"] == [[], 0], result  # 152 channels, padded to 256
+    # coat_lite_tiny: two blocks in each of stages 1-3 (64, 128, 256 channels); stage 4's 320 stay eager
+    assert result["coat_lite_tiny"][1:] == [[64, 128, 256], 6], result
+    assert result["coat_tiny"][1:] == [[152], 8 + 6 * 3], result  # 8 serial blocks, 6 parallel x 3 scales
+    for name in ("coat_lite_tiny", "coat_tiny"):
+        assert result[name][0] < 0.05, result  # bf16 on both paths; the eager LayerNorm's rounding differs on CPU
+        assert result[name + "-fp32"] == 0 and result[name + "-train"] == 0, result
+
+
+@needs_triton
+def test_fused_mlp_script_checks_and_times_each_shape_in_the_interpreter():
+    # benchmarks/fused_mlp.py as a GPU session runs it, here on the interpreter (timings meaningless)
+    done = _script("fused_mlp.py", "--device", "cpu", "--batch-size", "1", "--shapes", "tiny-s3-152")
+    assert done.returncode == 0, done.stderr[-3000:]
+    line = done.stdout.strip()
+    assert line.startswith("tiny-s3-152: batch 1, 197 tokens, C 152, hidden 608: eager "), line
+    assert "autotuned 32 tokens x 32 hidden units, 4 warps" in line, line
 
 
 @needs_triton
@@ -517,6 +618,37 @@ def test_by_default_a_gpu_runs_the_kernels_for_batches_in_inference_and_training
     model.train()(x).sum().backward()
     assert len(calls) == (6 if ampere else 0) and not norms  # training: the attention kernels (the last block's
     # class-token row and stage 4 aside, as in inference), PyTorch's LayerNorm
+    mlps = []
+    residual_mlp = kernels.residual_mlp
+    monkeypatch.setattr(kernels, "residual_mlp", lambda *a: mlps.append(1) or residual_mlp(*a))
+    norms.clear()
+    with torch.no_grad(), torch.autocast("cuda", torch.bfloat16):
+        model.eval()(x)
+        assert (len(mlps), len(norms)) == ((4, 17) if ampere else (0, 0))  # stages 1-2: norm2 in the fused MLP
+        mlps.clear()
+        model(x[:1])
+    assert not mlps
+
+
+@needs_triton
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the interpreter tests above run here)")
+def test_fused_mlp_kernel_on_a_gpu_matches_the_eager_ops_under_autocast():
+    # Compiled for the GPU at hand (tensor-core bf16 products, autotuned tiles) against the eager ops under
+    # autocast: the same roundings, so few values a bf16 step apart, none further
+    torch.manual_seed(0)
+    for C, H in ((64, 512), (128, 1024), (152, 608), (256, 1024)):
+        x = torch.randn(8, 785, C, device="cuda") * 2
+        norm, fc1, fc2 = (m.cuda() for m in (torch.nn.LayerNorm(C, eps=1e-6), torch.nn.Linear(C, H),
+                                             torch.nn.Linear(H, C)))
+        with torch.no_grad():
+            torch.nn.init.normal_(norm.weight, 1, 0.2), torch.nn.init.normal_(norm.bias, 0, 0.2)
+            with torch.autocast("cuda", torch.bfloat16):
+                ref = x + fc2(torch.nn.functional.gelu(fc1(norm(x))))
+            got = kernels.residual_mlp(x, norm.weight, norm.bias, 1e-6, fc1.weight, fc1.bias, fc2.weight, fc2.bias,
+                                       torch.bfloat16)
+        d, mlp_max = (got - ref).abs(), (ref - x).abs().max().item()
+        assert d.max().item() <= 2 ** -7 * mlp_max, (C, d.max().item(), mlp_max)
+        assert (d > 0).float().mean().item() < 0.03, C
 
 
 @needs_triton

@@ -132,11 +132,9 @@ def input_grad_kernel(qkv_ptr, g_ptr, ctx_ptr, dctx_ptr, delta_ptr, stats_ptr, c
 
 
 @triton.jit
-def layer_norm_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, C, stride_x, stride_y, eps,
-                      BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
-    """y = (x - mean) / sqrt(var + eps) * w + b over the last dimension, BLOCK_M rows per program, in fp32 from
-    inputs of any float dtype; y is stored in its own dtype (bf16 where a Linear under autocast reads it)."""
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+def _normed_rows(x_ptr, w_ptr, b_ptr, rows, M, C, stride_x, eps, BLOCK_C: tl.constexpr):
+    """Rows `rows` of x (any float dtype) and their LayerNorm over the last dimension, both fp32, with the mask of
+    the real rows and columns; padding columns are 0 in both."""
     cols = tl.arange(0, BLOCK_C)
     cmask = cols < C
     mask = (rows < M)[:, None] & cmask[None, :]
@@ -146,5 +144,88 @@ def layer_norm_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, C, stride_x, stride_y, eps,
     rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / C + eps)  # two passes over registers: no cancellation
     w = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
     b = tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
-    y = xc * rstd[:, None] * w[None, :] + b[None, :]
+    return x, xc * rstd[:, None] * w[None, :] + b[None, :], mask
+
+
+@triton.jit
+def layer_norm_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, C, stride_x, stride_y, eps,
+                      BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    """y = (x - mean) / sqrt(var + eps) * w + b over the last dimension, BLOCK_M rows per program, in fp32 from
+    inputs of any float dtype; y is stored in its own dtype (bf16 where a Linear under autocast reads it)."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    _, y, mask = _normed_rows(x_ptr, w_ptr, b_ptr, rows, M, C, stride_x, eps, BLOCK_C)
+    cols = tl.arange(0, BLOCK_C)
+    tl.store(y_ptr + rows[:, None] * stride_y + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _round(x, dt: tl.constexpr, BY_HAND: tl.constexpr):
+    """fp32 x rounded to the nearest dt (ties to even), as PyTorch casts. BY_HAND (the interpreter, which
+    truncates fp32 -> bf16) rounds to bf16 with integer operations; a GPU's cast is one instruction."""
+    if BY_HAND and dt == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        x = bits.to(tl.float32, bitcast=True)
+    return x.to(dt)
+
+
+def _mlp_configs():
+    """Tokens per program, hidden units per loop step and warps the autotuner tries (one under the interpreter,
+    which cannot time kernels)."""
+    import os
+
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_H": 32}, num_warps=4)]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_H": h}, num_warps=w, num_stages=s)
+            for m, h, w, s in [(64, 64, 4, 2), (64, 32, 4, 3), (64, 128, 4, 2), (128, 64, 4, 2), (128, 64, 8, 2),
+                               (128, 32, 8, 3), (64, 32, 8, 3)]]
+
+
+def _prune_mlp_configs(configs, named_args, **kwargs):
+    """Drop tiles whose fp32 accumulator (tokens x padded channels) would spill registers."""
+    width = triton.next_power_of_2(named_args["C"])
+    kept = [c for c in configs if c.kwargs["BLOCK_M"] * width <= 16384]
+    return kept or configs[:1]
+
+
+@triton.autotune(configs=_mlp_configs(), key=["C", "H"], prune_configs_by={"early_config_prune": _prune_mlp_configs})
+@triton.jit
+def residual_mlp_kernel(x_ptr, nw_ptr, nb_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, y_ptr, M, C, H, stride_x, stride_y,
+                        eps, INTERPRETER: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_H: tl.constexpr):
+    """y = x + fc2(GELU(fc1(LayerNorm(x)))) for BLOCK_M rows of x per program; the hidden activations stay in
+    registers, BLOCK_H units at a time.
+
+    The products take the weights' dtype (w1, w2: bf16/fp16 under autocast, or fp32) with fp32 accumulation, and
+    every value the eager ops under autocast would round to that dtype is rounded here too: the normed input, the
+    biases, fc1's output, GELU's output, fc2's output; the LayerNorm, GELU (exact erf) and the residual sum are
+    fp32. Under the INTERPRETER, whose bf16 products and casts are wrong, bf16 rounding is done by hand and the
+    rounded operands are widened to fp32 before the products, which is exact: products of bf16/fp16 values are
+    exact in fp32."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    x, xn, mask = _normed_rows(x_ptr, nw_ptr, nb_ptr, rows, M, C, stride_x, eps, BLOCK_C)
+    cols = tl.arange(0, BLOCK_C)
+    cmask = cols < C
+    dt = w1_ptr.dtype.element_ty
+    xn = _round(xn, dt, INTERPRETER)
+    if INTERPRETER:
+        xn = xn.to(tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_C), tl.float32)
+    units = tl.arange(0, BLOCK_H)
+    for start in range(0, H, BLOCK_H):
+        u = start + units
+        umask = u < H  # units past H get weight 0 and bias 0: GELU(0) = 0 adds nothing
+        w1 = tl.load(w1_ptr + u[None, :] * C + cols[:, None], mask=umask[None, :] & cmask[:, None], other=0.0)
+        b1 = _round(tl.load(b1_ptr + u, mask=umask, other=0.0).to(tl.float32), dt, INTERPRETER).to(tl.float32)
+        w2 = tl.load(w2_ptr + cols[None, :] * H + u[:, None], mask=cmask[None, :] & umask[:, None], other=0.0)
+        if INTERPRETER:
+            w1 = w1.to(tl.float32)
+            w2 = w2.to(tl.float32)
+        a = _round(tl.dot(xn, w1, input_precision="ieee") + b1[None, :], dt, INTERPRETER).to(tl.float32)
+        a = _round(0.5 * a * (1.0 + tl.math.erf(a * 0.7071067811865476)), dt, INTERPRETER)
+        if INTERPRETER:
+            a = a.to(tl.float32)
+        acc = tl.dot(a, w2, acc, input_precision="ieee")
+    b2 = _round(tl.load(b2_ptr + cols, mask=cmask, other=0.0).to(tl.float32), dt, INTERPRETER).to(tl.float32)
+    y = x + _round(acc + b2[None, :], dt, INTERPRETER).to(tl.float32)
     tl.store(y_ptr + rows[:, None] * stride_y + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)

@@ -1,4 +1,4 @@
-"""Triton kernels for CoaT's conv-attention and LayerNorm on a GPU (by default for CUDA batches of 128 images up).
+"""Triton kernels for CoaT's conv-attention, LayerNorm and MLP on a GPU (by default for CUDA batches of 128+ images).
 
 Two forward kernels replace the factorized attention's chain of eager ops (softmax over tokens, K^T V, Q x
 context, the CRPE product and sum, and the head permutes between them), reading q, k and v straight from the qkv
@@ -27,11 +27,17 @@ block's norm1/norm2, which only Linear layers read (`coatvit.model.LayerNorm`). 
 LayerNorm of CoaT's stages 2.4-12x faster than PyTorch's LayerNorm plus the cast (benchmarks/layer_norm_sweep.py).
 Inference only: with autograd recording, PyTorch's LayerNorm runs.
 
+A sixth, `residual_mlp_kernel`, runs a block's MLP sub-layer x + fc2(GELU(fc1(norm2(x)))) in inference under
+bf16/fp16 autocast: a tile of token rows per program, the hidden units a few dozen at a time, so the 4-8x wide
+hidden activations stay in registers, rounded to the autocast dtype wherever the eager ops round them. Tiles come
+from Triton's autotuner. Models use it for the row widths in FUSED_MLP_WIDTHS (coat_lite's 64 and 128 channels):
+on an H100 it runs coat_lite's first stage's MLP 2.6x faster than the eager ops (benchmarks/fused_mlp.py).
+
 When they run (`mode()`, from `set_enabled` or the environment variable `COATVIT_TRITON`):
 
 - `auto` (the default): CUDA tensors on a GPU of compute capability 8.0 or newer, in batches of `AUTO_MIN_BATCH`
   (128) images or more, inference and training. Measured on an H100 (BENCHMARKS.md, bf16 AMP, batch 256):
-  inference 1.51x faster for coat_lite_tiny and 1.61x for coat_tiny, training 1.15x for coat_tiny and 1.0x for
+  inference 1.81x faster for coat_lite_tiny and 1.61x for coat_tiny, training 1.15x for coat_tiny and 1.13x for
   coat_lite_tiny. Smaller batches keep the eager ops, being bound by the CPU's launches (see AUTO_MIN_BATCH), and
   so do attention heads of 40-64 channels (see EAGER_HEAD_WIDTHS). If a launch fails (Triton needs a C compiler
   at run time, say), it warns once and the eager ops serve the rest of the process.
@@ -328,4 +334,47 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
         _kernels().layer_norm_kernel[(triton.cdiv(M, block_m),)](
             x2, weight, bias, y, M, C, x2.stride(0), C, eps, BLOCK_M=block_m, BLOCK_C=block_c,
             num_warps=warps)
+    return y
+
+
+# Padded row widths (channels rounded up to a power of two, at least 16) whose MLP runs the fused kernel where the
+# kernels run. On an H100 (bf16 autocast, batch 256, benchmarks/fused_mlp.py, BENCHMARKS.md), against the LayerNorm
+# kernel + the eager MLP: coat_lite stage 1 (64 channels, 512 hidden units) 1.04 vs 1.57 ms (2.69 ms all eager),
+# stage 2 (128, 1024) 0.71 vs 0.82 ms; slower at 152-256 channels (0.60-0.83x: coat_tiny, coat_mini, coat_lite
+# stage 3), where its GELU and roundings on the hidden tile cost more than the memory traffic they save. The kernel
+# itself takes any width up to 256.
+FUSED_MLP_WIDTHS: set[int] = {64, 128}
+
+
+def fused_mlp_for(channels: int) -> bool:
+    """Whether rows of this many channels take `residual_mlp` in a model (see FUSED_MLP_WIDTHS)."""
+    return _padded_width(channels) in FUSED_MLP_WIDTHS
+
+
+def residual_mlp(x: torch.Tensor, norm_weight: torch.Tensor, norm_bias: torch.Tensor, eps: float,
+                 fc1_weight: torch.Tensor, fc1_bias: torch.Tensor, fc2_weight: torch.Tensor,
+                 fc2_bias: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x + fc2(GELU(fc1(LayerNorm(x)))) in one kernel, the products in `dtype` (the autocast dtype; fp32 for
+    plain fp32 products), every intermediate rounded where the eager ops under autocast round it. Inference only.
+
+    The eager ops write and read the hidden activations (4-8x the width of x) three times in the autocast dtype;
+    here they never leave the registers, and x is read once and the result written once. Rows of up to 256
+    channels (the fp32 accumulator of a tile of rows stays in registers)."""
+    import triton
+
+    C = x.shape[-1]
+    if _padded_width(C) > 256:
+        raise ValueError(f"residual_mlp takes rows of up to 256 channels, got {C}; use the eager ops")
+    x2 = x.reshape(-1, C)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    M = x2.shape[0]
+    y = torch.empty(x.shape, device=x.device, dtype=x.dtype)
+    if M == 0:
+        return y
+    w1, w2 = fc1_weight.to(dtype).contiguous(), fc2_weight.to(dtype).contiguous()
+    with _device_of(x):
+        _kernels().residual_mlp_kernel[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),)](
+            x2, norm_weight, norm_bias, w1, fc1_bias, w2, fc2_bias, y, M, C, w1.shape[0], x2.stride(0), C, eps,
+            INTERPRETER=interpreting(), BLOCK_C=_padded_width(C))
     return y

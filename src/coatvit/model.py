@@ -335,6 +335,36 @@ class Mlp(nn.Module):
     # bit-identical); measured against calling the layers per chunk: benchmarks/mlp_chunks.py, BENCHMARKS.md
     in_place_chunks = True
 
+    def residual(self, x: torch.Tensor, norm: LayerNorm, drop_path: DropPath, fast: bool) -> torch.Tensor:
+        """x + drop_path(self(norm(x))); with `fast` (the block's fast path), one Triton kernel where
+        `fused_ok` allows it (GPU inference under autocast, where the kernels run; `kernels.residual_mlp`)."""
+        if fast and self.fused_ok(x, norm, drop_path):
+            try:
+                return kernels.residual_mlp(x, norm.weight, norm.bias, norm.eps, self.fc1.weight, self.fc1.bias,
+                                            self.fc2.weight, self.fc2.bias, torch.get_autocast_dtype(x.device.type))
+            except Exception as e:  # by default a failed kernel launch warns once, then the eager ops run
+                if not kernels.fall_back(e):
+                    raise
+        return x + drop_path(self(norm(x)))
+
+    def fused_ok(self, x: torch.Tensor, norm: LayerNorm, drop_path: DropPath) -> bool:
+        """The fused kernel's conditions: fp32 tokens on a CUDA device (or the interpreter) under bf16/fp16
+        autocast, nothing for autograd to record, no active drop path, a padded row width in
+        `kernels.FUSED_MLP_WIDTHS` (64 and 128 channels by default), and the kernel policy (`kernels.use_kernels`:
+        CUDA batches of 128+ images by default)."""
+        device = x.device.type
+        if not (x.is_cuda or kernels.interpreting()) or x.dtype != torch.float32:
+            return False
+        if not torch.is_autocast_enabled(device) or torch.get_autocast_dtype(device) not in (torch.bfloat16,
+                                                                                           torch.float16):
+            return False
+        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())
+                                        or any(p.requires_grad for p in norm.parameters())):
+            return False
+        if (drop_path.training and drop_path.rate > 0) or self.act.approximate != "none" or not norm.fast_path:
+            return False
+        return kernels.fused_mlp_for(x.shape[-1]) and kernels.use_kernels(x)
+
     def residual_in_chunks(self, x: torch.Tensor, norm: nn.LayerNorm) -> torch.Tensor:
         """Inference only: x + MLP(norm(x)), a few hundred tokens at a time.
 
@@ -374,6 +404,8 @@ def in_chunks_ok(x: torch.Tensor, block: nn.Module) -> bool:
         return False
     if block.training and block.drop_path.rate > 0:
         return False
+    if kernels.interpreting() and kernels.use_kernels(x):  # the tests' stand-in for a GPU: the GPU's path
+        return False
     return not torch.compiler.is_compiling()
 
 
@@ -401,7 +433,7 @@ class SerialBlock(nn.Module):
         if cpe is not None:
             x = cpe(x, size)
         x = x + self.drop_path(self.factoratt_crpe(self.norm1(x), size, crpe))
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+        return self.mlp.residual(x, self.norm2, self.drop_path, self.fast_path)
 
     def forward_class_token(self, x: torch.Tensor, size: Size, cpe: ConvPosEnc | None) -> torch.Tensor:
         """The block's class-token row alone, (B, 1, C): all a token-pooling classifier reads from a Lite model's
@@ -409,7 +441,7 @@ class SerialBlock(nn.Module):
         if cpe is not None:
             x = cpe(x, size)
         x = x[:, :1] + self.drop_path(self.factoratt_crpe.forward_class_token(self.norm1(x)))
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+        return self.mlp.residual(x, self.norm2, self.drop_path, self.fast_path)
 
     def forward_in_chunks(self, x: torch.Tensor, size: Size, cpe: ConvPosEnc | None, crpe: ConvRelPosEnc | None):
         """Inference: the same block, a few images at a time, so each image's activations stay in cache."""
@@ -479,10 +511,8 @@ class ParallelBlock(nn.Module):
         xs = [x + self.drop_path(a) for x, a in zip(xs, mixed)]
         if self.fast_path and in_chunks_ok(xs[0], self):
             return [self.mlp2.residual_in_chunks(x, getattr(self, f"norm2{s}")) for s, x in zip(self.scales, xs)]
-        return [
-            x + self.drop_path(self.mlp2(getattr(self, f"norm2{s}")(x)))
-            for s, x in zip(self.scales, xs)
-        ]
+        return [self.mlp2.residual(x, getattr(self, f"norm2{s}"), self.drop_path, self.fast_path)
+                for s, x in zip(self.scales, xs)]
 
     def mix(self, attn: list[torch.Tensor], resize) -> list[torch.Tensor]:
         """a_s' = a_s + resize(a_t -> grid of s) + resize(a_u -> grid of s), summed in the authors' order;
@@ -505,10 +535,8 @@ class ParallelBlock(nn.Module):
             for s, x in zip(self.scales, xs)
         ]
         xs = [x[:, :1] + self.drop_path(a) for x, a in zip(xs, self.mix(attn, lambda a, j, i: a))]
-        return [
-            x + self.drop_path(self.mlp2(getattr(self, f"norm2{s}")(x)))
-            for s, x in zip(self.scales, xs)
-        ]
+        return [self.mlp2.residual(x, getattr(self, f"norm2{s}"), self.drop_path, self.fast_path)
+                for s, x in zip(self.scales, xs)]
 
 
 class FeatureInfo(list):
