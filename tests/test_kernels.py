@@ -526,6 +526,36 @@ def test_by_default_a_failed_kernel_launch_warns_once_and_the_eager_ops_take_ove
         model(x)
 
 
+def test_a_failed_fused_mlp_launch_warns_once_and_the_eager_mlp_runs(monkeypatch):
+    # The fused MLP's launch fails the way the other kernels' can (Mlp.residual): by default the eager ops give
+    # the same sub-layer; asked for explicitly (COATVIT_TRITON=1), the error stands.
+    from coatvit.model import DropPath, LayerNorm, Mlp
+
+    monkeypatch.delenv(kernels.ENV, raising=False)
+    monkeypatch.setattr(kernels, "_auto_failure", None)
+    torch.manual_seed(0)
+    mlp, norm, drop = Mlp(64, 256).eval(), LayerNorm(64, 1e-6, feeds_linear=True).eval(), DropPath(0.1).eval()
+    x = torch.randn(2, 50, 64)
+    launches = []
+
+    def broken(*args):
+        launches.append(1)
+        raise RuntimeError("Failed to find C compiler. Please specify via CC environment variable.")
+
+    monkeypatch.setattr(Mlp, "fused_ok", lambda *args: True)  # as for CUDA inference under autocast
+    monkeypatch.setattr(kernels, "residual_mlp", broken)
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+        expected = x + mlp(norm(x))
+        with pytest.warns(RuntimeWarning, match="Triton kernels failed .*C compiler"):
+            out = mlp.residual(x, norm, drop, fast=True)
+        assert torch.equal(out, expected) and len(launches) == 1
+        assert torch.equal(mlp.residual(x, norm, drop, fast=False), expected) and len(launches) == 1
+        monkeypatch.setattr(kernels, "_auto_failure", None)
+        monkeypatch.setenv(kernels.ENV, "1")
+        with pytest.raises(RuntimeError, match="C compiler"):
+            mlp.residual(x, norm, drop, fast=True)
+
+
 def test_the_default_cpu_forward_never_imports_triton():
     code = ("import sys, torch, coatvit; m = coatvit.create_model('coat_test').eval(); m(torch.randn(1, 3, 64, 64)); "
             "print('triton' in sys.modules)")
