@@ -169,6 +169,17 @@ def use_kernels(x: torch.Tensor) -> bool:
     return decide(m, x.device.type, capability, interpreting(), batch) and available()
 
 
+def run(launch, *args):
+    """`launch(*args)`, or None where the kernel failed and `fall_back` chose the eager ops (the caller then
+    computes the eager result)."""
+    try:
+        return launch(*args)
+    except Exception as e:
+        if not fall_back(e):
+            raise
+    return None
+
+
 def _kernels():
     """The jitted kernels, imported on first use (importing triton costs a second; CPU-only users never pay it)."""
     from . import _triton_kernels

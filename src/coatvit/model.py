@@ -71,12 +71,8 @@ class LayerNorm(nn.LayerNorm):
         out_dtype = x.dtype
         if torch.is_autocast_enabled(x.device.type):
             out_dtype = torch.get_autocast_dtype(x.device.type) if self.feeds_linear else torch.float32
-        try:
-            return kernels.layer_norm(x, self.weight, self.bias, self.eps, out_dtype)
-        except Exception as e:  # by default a failed kernel launch warns once, then PyTorch's LayerNorm runs
-            if not kernels.fall_back(e):
-                raise
-        return super().forward(x)
+        out = kernels.run(kernels.layer_norm, x, self.weight, self.bias, self.eps, out_dtype)
+        return super().forward(x) if out is None else out  # None: the launch failed, PyTorch's LayerNorm runs
 
 
 class DropPath(nn.Module):
@@ -258,12 +254,8 @@ class FactorAttnConvRelPosEnc(nn.Module):
         if kernels.use_kernels(x) and kernels.attention_kernels_for(C // h):
             qkv = self.qkv(x)  # (B, N, 3C)
             conv_v = None if crpe is None else crpe.conv_tokens(qkv[..., 2 * C:], size)
-            try:
-                out = kernels.factor_attention(qkv, h, self.scale, conv_v)
-            except Exception as e:  # by default a failed kernel launch warns once, then the eager ops below run
-                if not kernels.fall_back(e):
-                    raise
-            else:
+            out = kernels.run(kernels.factor_attention, qkv, h, self.scale, conv_v)
+            if out is not None:  # None: the launch failed, the eager ops below run
                 return self.proj(out)
         q, k, v = self.qkv(x).unflatten(-1, (3, C)).unbind(2)  # (B, N, C) views, heads side by side
         k = k.softmax(dim=1)  # (B, N, C); softmax over all N tokens per channel
@@ -339,12 +331,10 @@ class Mlp(nn.Module):
         """x + drop_path(self(norm(x))); with `fast` (the block's fast path), one Triton kernel where
         `fused_ok` allows it (GPU inference under autocast, where the kernels run; `kernels.residual_mlp`)."""
         if fast and self.fused_ok(x, norm, drop_path):
-            try:
-                return kernels.residual_mlp(x, norm.weight, norm.bias, norm.eps, self.fc1.weight, self.fc1.bias,
-                                            self.fc2.weight, self.fc2.bias, torch.get_autocast_dtype(x.device.type))
-            except Exception as e:  # by default a failed kernel launch warns once, then the eager ops run
-                if not kernels.fall_back(e):
-                    raise
+            out = kernels.run(kernels.residual_mlp, x, norm.weight, norm.bias, norm.eps, self.fc1.weight,
+                              self.fc1.bias, self.fc2.weight, self.fc2.bias, torch.get_autocast_dtype(x.device.type))
+            if out is not None:  # None: the launch failed, the eager ops run
+                return out
         return x + drop_path(self(norm(x)))
 
     def fused_ok(self, x: torch.Tensor, norm: LayerNorm, drop_path: DropPath) -> bool:
