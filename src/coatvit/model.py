@@ -21,8 +21,9 @@ computes only the class-token rows of its last block (`CoaT.class_token_shortcut
 feed k and v). Its float summation order differs, so its outputs match the reference to about 1e-6, not bit for
 bit (tests/test_fast_path.py). On the meta device (MAC counting) the reference path runs. Measured, on a CPU the
 fast path's lead over timm's port comes mostly from writing less freshly mapped memory (BENCHMARKS.md, "Where the
-CPU lead comes from"). On a GPU the attention (forward and backward) and the LayerNorms (inference) can run as
-Triton kernels instead (`coatvit.kernels`: by default for CUDA batches of 128 images or more).
+CPU lead comes from"). On a GPU the attention (forward and backward), the LayerNorms (inference) and, under
+autocast, a block's whole MLP sub-layer (inference, `Mlp.residual`) can run as Triton kernels instead
+(`coatvit.kernels`: by default for CUDA batches of 128 images or more).
 """
 
 from __future__ import annotations
