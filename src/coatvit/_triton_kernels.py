@@ -3,6 +3,8 @@
 import triton
 import triton.language as tl
 
+from .kernels import interpreting
+
 
 @triton.jit
 def context_kernel(qkv_ptr, ctx_ptr, stats_ptr, N, C, Ch, heads, stride_b, stride_n, scale,
@@ -172,9 +174,7 @@ def _round(x, dt: tl.constexpr, BY_HAND: tl.constexpr):
 def _mlp_configs():
     """Tokens per program, hidden units per loop step and warps the autotuner tries (one under the interpreter,
     which cannot time kernels)."""
-    import os
-
-    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+    if interpreting():
         return [triton.Config({"BLOCK_M": 32, "BLOCK_H": 32}, num_warps=4)]
     return [triton.Config({"BLOCK_M": m, "BLOCK_H": h}, num_warps=w, num_stages=s)
             for m, h, w, s in [(64, 64, 4, 2), (64, 32, 4, 3), (64, 128, 4, 2), (128, 64, 4, 2), (128, 64, 8, 2),

@@ -222,9 +222,10 @@ def launch(D: int) -> Launch:
 EAGER_HEAD_WIDTHS: set[int] = {64}
 
 
-def _padded_width(head_channels: int) -> int:
-    """The kernels' head width D: the next power of two, at least 16 (`tl.dot`'s minimum)."""
-    return max(16, 1 << (head_channels - 1).bit_length())
+def _padded_width(channels: int) -> int:
+    """The kernels' padded width (head width D of the attention, row width of the fused MLP): the next power of
+    two, at least 16 (`tl.dot`'s minimum)."""
+    return max(16, 1 << (channels - 1).bit_length())
 
 
 def attention_kernels_for(head_channels: int) -> bool:
@@ -315,6 +316,15 @@ class _FactorAttention(torch.autograd.Function):
             return dqkv, dcv, None, None
 
 
+def _rows_and_output(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """x as (rows, channels) with unit channel stride (a view where it can be), and an empty output of x's shape
+    in `dtype`: the operands of the row-wise kernels (LayerNorm, fused MLP)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    return x2, torch.empty(x.shape, device=x.device, dtype=dtype)
+
+
 # LayerNorm launch settings per padded row width: (elements per program, i.e. rows x padded width; warps per
 # program). Swept on an H100 (benchmarks/layer_norm_sweep.py, batch 256, fp32 in, bf16 out): at widths 64, 128
 # and 512 the first choice, NORM_DEFAULT, is within 2% of the fastest setting (or is it); at 256 (CoaT's 152 and
@@ -330,12 +340,8 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
     the cast a Linear would make of it: the same bf16 values, as both round the fp32 result to nearest."""
     import triton
 
-    C = x.shape[-1]
-    x2 = x.reshape(-1, C)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
-    M = x2.shape[0]
-    y = torch.empty(x.shape, device=x.device, dtype=out_dtype or x.dtype)
+    x2, y = _rows_and_output(x, out_dtype or x.dtype)
+    M, C = x2.shape
     if M == 0:
         return y
     block_c = triton.next_power_of_2(C)
@@ -373,14 +379,10 @@ def residual_mlp(x: torch.Tensor, norm_weight: torch.Tensor, norm_bias: torch.Te
     channels (the fp32 accumulator of a tile of rows stays in registers)."""
     import triton
 
-    C = x.shape[-1]
-    if _padded_width(C) > 256:
-        raise ValueError(f"residual_mlp takes rows of up to 256 channels, got {C}; use the eager ops")
-    x2 = x.reshape(-1, C)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
-    M = x2.shape[0]
-    y = torch.empty(x.shape, device=x.device, dtype=x.dtype)
+    if _padded_width(x.shape[-1]) > 256:
+        raise ValueError(f"residual_mlp takes rows of up to 256 channels, got {x.shape[-1]}; use the eager ops")
+    x2, y = _rows_and_output(x, x.dtype)
+    M, C = x2.shape
     if M == 0:
         return y
     w1, w2 = fc1_weight.to(dtype).contiguous(), fc2_weight.to(dtype).contiguous()

@@ -49,6 +49,16 @@ def use_fast(module: nn.Module, x: torch.Tensor) -> bool:
     return module.fast_path and not x.is_meta
 
 
+def kernel_inference(x: torch.Tensor, *modules: nn.Module) -> bool:
+    """Whether `x` is where the inference-only kernels (LayerNorm, fused MLP) may run: a CUDA tensor (or any under
+    Triton's interpreter) with nothing for autograd to record through it or the modules' parameters. A cheap first
+    test; `kernels.use_kernels` decides the rest."""
+    if not (x.is_cuda or kernels.interpreting()):
+        return False
+    return not (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for m in modules
+                                                                    for p in m.parameters())))
+
+
 class LayerNorm(nn.LayerNorm):
     """nn.LayerNorm (same parameters and state-dict keys) whose fast path runs a Triton kernel in inference where
     the attention kernels run (CUDA batches of 128+ images by default, `coatvit.kernels`): many rows per program
@@ -66,9 +76,9 @@ class LayerNorm(nn.LayerNorm):
         self.feeds_linear = feeds_linear
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (x.is_cuda or kernels.interpreting()) or not (use_fast(self, x) and kernels.use_kernels(x)) or (
-                torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)):  # no backward kernel
-            return super().forward(x)  # (the device test first: a CPU forward skips the policy's checks)
+        # (the device test first: a CPU forward skips the policy's checks; no backward kernel)
+        if not (kernel_inference(x, self) and use_fast(self, x) and kernels.use_kernels(x)):
+            return super().forward(x)
         out_dtype = x.dtype
         if torch.is_autocast_enabled(x.device.type):
             out_dtype = torch.get_autocast_dtype(x.device.type) if self.feeds_linear else torch.float32
@@ -344,13 +354,10 @@ class Mlp(nn.Module):
         `kernels.FUSED_MLP_WIDTHS` (64 and 128 channels by default), and the kernel policy (`kernels.use_kernels`:
         CUDA batches of 128+ images by default)."""
         device = x.device.type
-        if not (x.is_cuda or kernels.interpreting()) or x.dtype != torch.float32:
+        if not kernel_inference(x, self, norm) or x.dtype != torch.float32:
             return False
         if not torch.is_autocast_enabled(device) or torch.get_autocast_dtype(device) not in (torch.bfloat16,
                                                                                            torch.float16):
-            return False
-        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())
-                                        or any(p.requires_grad for p in norm.parameters())):
             return False
         if (drop_path.training and drop_path.rate > 0) or self.act.approximate != "none" or not norm.fast_path:
             return False
