@@ -236,6 +236,26 @@ def test_features_only_and_intermediates_on_fast_path():
     assert all(t.is_contiguous() for t in inter_f)
 
 
+@pytest.mark.parametrize("name", ["coat_lite_tiny", "coat_tiny"])
+def test_an_empty_batch_gives_empty_outputs_on_every_path(name):
+    # a pipeline's last, empty batch (no crops, no images left): shapes as for any batch, as torchvision's models do
+    model, backbone = _model(name), _model(name, features_only=True)
+    x = torch.randn(0, 3, *SIZE)
+    grids = [(SIZE[0] // r, SIZE[1] // r) for r in (4, 8, 16, 32)]
+    for fast in (True, False):
+        model.set_fast_path(fast)
+        backbone.set_fast_path(fast)
+        for train, context in [(False, torch.no_grad), (False, torch.inference_mode), (True, torch.enable_grad)]:
+            model.train(train)
+            with context():
+                assert model(x).shape == (0, model.num_classes)
+                maps = model.forward_intermediates(x, intermediates_only=True)
+                assert [tuple(m.shape) for m in maps] == [(0, c) + g for c, g in zip(model.feature_info.channels(),
+                                                                                      grids)]
+        with torch.no_grad():
+            assert [tuple(m.shape) for m in backbone.eval()(x)] == [tuple(m.shape) for m in maps]
+
+
 def test_switch_changes_no_weights_or_keys():
     torch.manual_seed(0)
     model = coatvit.create_model("coat_tiny")

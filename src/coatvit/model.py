@@ -446,7 +446,7 @@ class SerialBlock(nn.Module):
         B, N, C = x.shape
         step = images_per_chunk(N, C)
         out = []
-        for b in range(0, B, step):
+        for b in range(0, max(B, 1), step):  # an empty batch runs once, on itself
             xb = x[b:b + step]  # (b, N, C)
             if cpe is not None:
                 xb = cpe(xb, size)
@@ -733,7 +733,7 @@ class CoaT(nn.Module):
             elif i > 1:
                 H, W = sizes[-1]
                 # (B, C, H, W), class token dropped; contiguous NCHW like the reference (conv results depend on layout)
-                x = xs[-1][:, 1:].transpose(1, 2).reshape(B, -1, H, W).contiguous()
+                x = xs[-1][:, 1:].transpose(1, 2).reshape(B, xs[-1].shape[-1], H, W).contiguous()
             last = class_token_only and self.parallel_blocks is None and i == 4
             images = self.stage_chunk_images(i, x) if chunked else 0
             (x,), size = self.in_train_chunks(lambda t: self.serial_stage(i, t[0], last), [x], images)
@@ -827,7 +827,7 @@ class CoaT(nn.Module):
         for i in take:
             t = xs[i][:, 1:]  # (B, H*W, C)
             if output_fmt == "NCHW":
-                t = t.transpose(1, 2).reshape(B, -1, *sizes[i])  # (B, C, H, W)
+                t = t.transpose(1, 2).reshape(B, t.shape[-1], *sizes[i])  # (B, C, H, W)
             intermediates.append(t.contiguous())
         if intermediates_only:
             return intermediates
