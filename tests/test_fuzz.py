@@ -1,6 +1,6 @@
 """Shape fuzzing: random batch sizes and (odd) image sizes through every variant's forward, forward_intermediates
 and features_only backbone. Each call gives the right shapes and finite values, or, for inputs the model cannot
-take, the documented ValueError ("too small" / "expected images of shape")."""
+take, the documented ValueError ("too small" / "expected images of shape" / "expected floating-point images")."""
 
 from __future__ import annotations
 
@@ -162,3 +162,12 @@ def test_wrong_layout_gives_documented_error(shape, entry):
     call = _entry_points(FAST)[entry]
     with pytest.raises(ValueError, match=r"expected images of shape \(B, 3, H, W\)"):
         call(torch.zeros(shape))
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int64, torch.bool])
+@pytest.mark.parametrize("entry", ["forward", "forward_intermediates", "features_only"])
+def test_integer_images_give_documented_error(dtype, entry):
+    # decoded but not yet converted pixels (uint8 from torchvision.io.read_image): say how to convert them
+    call = _entry_points(FAST)[entry]
+    with pytest.raises(ValueError, match=rf"expected floating-point images, got {dtype}: scale them to \[0, 1\]"):
+        call(torch.zeros(1, 3, 64, 64, dtype=dtype))

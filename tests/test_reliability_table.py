@@ -68,7 +68,8 @@ def expected_rows() -> dict[str, int]:
         "Inputs the model cannot take": (
             cases(fuzz.test_too_small_input_gives_documented_error)
             * drawn(fuzz.test_too_small_input_gives_documented_error)
-            + cases(fuzz.test_min_input_size_is_exact) + cases(fuzz.test_wrong_layout_gives_documented_error)),
+            + cases(fuzz.test_min_input_size_is_exact) + cases(fuzz.test_wrong_layout_gives_documented_error)
+            + cases(fuzz.test_integer_images_give_documented_error)),
         "Dead or hung rank in 2-process DDP": cases(
             distributed.test_surviving_rank_exits_with_clear_error_in_bounded_time),
         "GPU kernels fail to launch": cases(

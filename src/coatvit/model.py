@@ -686,6 +686,9 @@ class CoaT(nn.Module):
         cfg = self.config
         if x.ndim != 4 or x.shape[1] != cfg.in_chans:
             raise ValueError(f"expected images of shape (B, {cfg.in_chans}, H, W), got {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise ValueError(f"expected floating-point images, got {x.dtype}: scale them to [0, 1] and normalize "
+                             "(x.float() / 255, then the mean and std of coatvit.data.DataConfig)")
         if min(x.shape[-2:]) < cfg.min_input_size:
             raise ValueError(
                 f"input {x.shape[-2]}x{x.shape[-1]} is too small: CoaT needs at least "
