@@ -108,8 +108,8 @@ def main() -> None:
     rows = read_csv(Path(cfg.output) / "cifar10" / "summary.csv")
     images_per_epoch = (args.steps_per_epoch or 50000 // args.batch_size) * args.batch_size
     print()
-    print(f"| epoch | train images seen | test top-1 (%) | test top-5 (%) | train img/s | wall (min) |")
-    print(f"|---|---|---|---|---|---|")
+    print("| epoch | train images seen | test top-1 (%) | test top-5 (%) | train img/s | wall (min) |")
+    print("|---|---|---|---|---|---|")
     for r in rows:
         e = int(r["epoch"])
         print(f"| {e + 1} | {(e + 1) * images_per_epoch:,} | {float(r['eval_top1']):.2f} | "

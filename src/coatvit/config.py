@@ -8,7 +8,7 @@ checkpoint we write so that a file can rebuild its own model.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 
