@@ -283,6 +283,20 @@ def test_merged_crpe_kernel_matches_the_three_convs():
     assert (merged - ref).abs().max().item() < 1e-5
 
 
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+@pytest.mark.parametrize("name", ["coat_lite_tiny", "coat_tiny"])
+def test_torch_jit_trace_serves_every_batch_and_image_size(monkeypatch, name):
+    # torch.jit.trace records one pass; the chunked paths' Python loops over images and tokens stay out of the
+    # recording, so the traced module serves other batch and image sizes, as the eager model does
+    monkeypatch.setattr(model_module, "images_per_chunk", lambda tokens, dim: 1)  # as many chunks as images
+    model = _model(name, num_classes=10).eval()
+    with torch.no_grad():
+        traced = torch.jit.trace(model, torch.randn(2, 3, *SIZE), check_trace=False)
+        for shape in [(1, 3, *SIZE), (5, 3, *SIZE), (3, 3, 96, 64)]:
+            x = torch.randn(shape)
+            torch.testing.assert_close(traced(x), model(x), rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("name", ["coat_lite_tiny", "coat_tiny"])
 @pytest.mark.parametrize("mode", ["eval", "train"])
 def test_fast_path_traces_as_one_graph_for_torch_compile(name, mode):

@@ -390,7 +390,8 @@ class Mlp(nn.Module):
 
 def in_chunks_ok(x: torch.Tensor, block: nn.Module) -> bool:
     """Whether a block may run the fast path's cache-sized chunks: CPU inference without autograd or drop path
-    (chunks write into preallocated outputs), outside torch.compile (which fuses the ops itself).
+    (chunks write into preallocated outputs), outside graph capture (`capturing_graph`; compiled, inductor fuses
+    the ops itself).
 
     Measured on an idle 2-core machine (BENCHMARKS.md), chunking makes coat_lite_tiny inference 1.6x faster with
     1 or 2 threads. On a CPU oversubscribed by other jobs every parallel region waits for a descheduled thread, and
@@ -404,7 +405,13 @@ def in_chunks_ok(x: torch.Tensor, block: nn.Module) -> bool:
         return False
     if kernels.interpreting() and kernels.use_kernels(x):  # the tests' stand-in for a GPU: the GPU's path
         return False
-    return not torch.compiler.is_compiling()
+    return not capturing_graph()
+
+
+def capturing_graph() -> bool:
+    """Whether torch.compile / torch.export or torch.jit.trace is recording the forward pass: the chunked paths
+    loop over images and tokens in Python, and a recorded graph would keep the loop of the example's batch size."""
+    return torch.compiler.is_compiling() or torch.jit.is_tracing()
 
 
 def images_per_chunk(tokens: int, dim: int) -> int:
@@ -866,7 +873,7 @@ class CoaT(nn.Module):
         """
         if not (self.train_in_chunks and x.device.type == "cpu" and use_fast(self, x) and torch.is_grad_enabled()):
             return False
-        if torch.compiler.is_compiling() or not runtime.fresh_pages_for_large_blocks():
+        if capturing_graph() or not runtime.fresh_pages_for_large_blocks():
             return False
         return x.requires_grad or any(p.requires_grad for p in self.parameters())
 
