@@ -74,7 +74,7 @@ def test_shapes_fuzz(name):
 
     @settings(max_examples=FAST_EXAMPLES if fast else BIG_EXAMPLES, deadline=None, database=None,
               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-    @given(batch=st.integers(1, 3 if fast else 2), h=size, w=size, indices=subset,
+    @given(batch=st.integers(0 if fast else 1, 3 if fast else 2), h=size, w=size, indices=subset,  # 0: empty
            fmt=st.sampled_from(["NCHW", "NLC"]), norm=st.booleans(), stop_early=st.booleans(),
            out_indices=subset.map(lambda v: tuple(sorted(v))))
     def check(batch, h, w, indices, fmt, norm, stop_early, out_indices):
