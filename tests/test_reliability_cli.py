@@ -120,6 +120,42 @@ def test_non_positive_numbers(capsys, tmp_path, flag, value, name):
     assert not (tmp_path / "runs").exists()
 
 
+def _benchmark(tmp_path):
+    return ["benchmark", "--model", "coat_test", "--modes", "latency", "--repeats", "1", "--no-memory"]
+
+
+def _predict(tmp_path):
+    weights = tmp_path / "w.safetensors"
+    torch.manual_seed(0)
+    coatvit.save_weights(coatvit.create_model("coat_test"), weights)
+    images = _image_folder(tmp_path / "images", classes=1, per_class=1)
+    return ["predict", str(images / "class0"), "--weights", str(weights)]
+
+
+def _train(tmp_path):
+    return [*TINY[:-3], "--no-model-ema", "--output", str(tmp_path / "runs")]
+
+
+# `cuda` is the GPU of a machine that has none (CI); the other names no machine has
+@pytest.mark.parametrize("device, needle", [
+    ("gpu", "must be auto, cpu, cuda or cuda:N"), ("xla:1", "must be auto, cpu, cuda or cuda:N"),
+    ("cuda:7", "cuda:7 was asked for"),
+])
+@pytest.mark.parametrize("command", [_benchmark, _predict, _train], ids=["benchmark", "predict", "train"])
+def test_unusable_device(capsys, tmp_path, command, device, needle):
+    if device == "cuda:7" and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has a cuda:7")
+    code, _, err = run_cli(capsys, [*command(tmp_path), "--device", device])
+    assert_one_line_error(code, err, needle)
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("command", [_benchmark, _predict, _train], ids=["benchmark", "predict", "train"])
+def test_non_positive_threads(capsys, tmp_path, command):
+    code, _, err = run_cli(capsys, [*command(tmp_path), "--threads", "0"])
+    assert_one_line_error(code, err, "threads must be", "0")
+
+
 # ------------------------------------------------------------------------------------------------------------
 # output folder
 

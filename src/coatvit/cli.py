@@ -571,7 +571,7 @@ def _add_benchmark(sub):
     p.add_argument("--model", default="coat_lite_tiny")
     p.add_argument("--batch-size", type=int, default=16)
     add_img_size(p)
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (auto: cuda where visible)")
     p.add_argument("--amp", choices=("none", "bfloat16", "float16"), default="none", help="autocast dtype")
     p.add_argument("--channels-last", action="store_true", help="channels-last model and input")
     p.add_argument("--compile", action="store_true", help="torch.compile our model")

@@ -542,16 +542,35 @@ class Distributed:
         return self.rank == 0
 
 
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """'auto' picks cuda (this process's local rank) when available, else cpu."""
+def parse_device(name: str, local_rank: int = 0) -> torch.device:
+    """The device `--device name` asks for, checked against the visible ones: 'auto' picks cuda (this process's
+    local rank) when available, else cpu; 'cuda' means the local rank's GPU."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N (or mps), got {name!r}")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"--device {name} was asked for but this machine has no MPS device; use --device cpu")
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ConfigError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
+            raise ConfigError(f"--device {name} was asked for but no CUDA GPU is visible; use --device cpu")
         if device.index is None:
             device = torch.device("cuda", local_rank)
+        count = torch.cuda.device_count()
+        if device.index >= count:
+            raise ConfigError(f"--device {device} was asked for but only {count} CUDA GPU(s) are visible "
+                              f"(cuda:0 to cuda:{count - 1})")
+    return device
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """`parse_device`, made the current CUDA device where it is one."""
+    device = parse_device(name, local_rank)
+    if device.type == "cuda":
         torch.cuda.set_device(device)
     return device
 
