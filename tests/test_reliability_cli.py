@@ -156,6 +156,20 @@ def test_non_positive_threads(capsys, tmp_path, command):
     assert_one_line_error(code, err, "threads must be", "0")
 
 
+def _eval(tmp_path):
+    predict = _predict(tmp_path)  # the weight file
+    return ["eval", "--data", str(_image_folder(tmp_path / "data", classes=2, per_class=1)), *predict[2:]]
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["-b", "0"], "--batch-size must be positive, got 0"), (["--std", "0", "1", "1"], "three non-zero numbers"),
+])
+@pytest.mark.parametrize("command", [_predict, _eval], ids=["predict", "eval"])
+def test_bad_inference_numbers(capsys, tmp_path, command, args, needle):
+    code, _, err = run_cli(capsys, [*command(tmp_path), *args])
+    assert_one_line_error(code, err, needle)
+
+
 # ------------------------------------------------------------------------------------------------------------
 # output folder
 

@@ -257,6 +257,14 @@ def _add_inference_args(p: argparse.ArgumentParser, onnx: bool = False) -> None:
     p.add_argument("--threads", type=int, help="torch CPU threads")
 
 
+def _check_inference_args(args) -> None:
+    """The numbers eval and predict take, checked before any file is read."""
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size must be positive, got {args.batch_size}")
+    if getattr(args, "std", None) is not None and 0 in args.std:
+        raise UsageError(f"--std divides the pixel values: give three non-zero numbers, got {args.std}")
+
+
 def _load_inference(args):
     import torch
 
@@ -295,6 +303,7 @@ def run_eval(args) -> int:
 
     if args.workers < 0:
         raise UsageError(f"--workers must be >= 0, got {args.workers}")
+    _check_inference_args(args)
     inf, device = _load_inference(args)
     result = evaluate(inf, args.data, batch_size=args.batch_size, workers=args.workers, device=device,
                       per_class_csv=args.per_class_csv, confusion_png=args.confusion_png,
@@ -323,6 +332,7 @@ def _add_predict(sub):
 def run_predict(args) -> int:
     from .evaluate import predict
 
+    _check_inference_args(args)
     if args.onnx:  # export.py's path: onnxruntime and the file's own metadata, no PyTorch model code
         from .export import predict_onnx
 
