@@ -203,12 +203,26 @@ def test_nonfinite_loss_stops_with_the_step_and_keeps_the_checkpoint(tmp_path, m
     (["--data", "/nonexistent/folder"], "does not exist"),
     (["--model", "coat_lite_tinny"], "did you mean coat_lite_tiny"),
     (["--img-size", "16"], "too small"),
+    (["--weight-decay", "-1"], "weight_decay must be >= 0"),
+    (["--warmup-epochs", "-1"], "warmup_epochs must be >= 0"),
+    (["--mixup", "-0.5"], "mixup must be >= 0"),
+    (["--model-ema-decay", "2"], "model_ema_decay must be in (0, 1)"),
+    (["--val-split", "1.5"], "val_split must be in [0, 1)"),
+    (["--clip-grad", "-1"], "clip_grad must be >= 0"),
+    (["--max-steps-per-epoch", "0"], "max_steps_per_epoch must be a positive integer"),
+    (["--scale", "0.5", "0.2"], "scale must be 0 < min <= max <= 1"),
+    (["--opt-betas", "0.9", "1.0"], "opt_betas in [0, 1)"),
 ])
 def test_bad_invocations_exit_2_with_one_line(tmp_path, capsys, argv, message):
     base = ["train", "--model", "coat_test", "--epochs", "1", "--output", str(tmp_path), "-j", "0"]
     assert cli.main(base + argv) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1 and not (tmp_path / "run").exists()
+
+
+def test_clip_grad_zero_means_no_clipping():
+    # clipping to norm 0 would zero every gradient; the detection command's default 0 already means "off"
+    assert TrainConfig(clip_grad=0.0).clip_grad is None and TrainConfig(clip_grad=5.0).clip_grad == 5.0
 
 
 def test_unwritable_output_and_foreign_checkpoints_exit_2(tmp_path, capsys):

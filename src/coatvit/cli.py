@@ -168,7 +168,7 @@ _TRAIN_HELP = {
     "aug_repeats": "repeated augmentation: copies of each image per epoch (recipe: 3; 1 switches off)",
     "drop_path": "stochastic depth rate, the same in every block (recipe: 0.1)",
     "model_ema": "keep an EMA of the weights (evaluated and saved alongside)",
-    "clip_grad": "clip the gradient norm to this value",
+    "clip_grad": "clip the gradient norm to this value (0: no clipping)",
     "grad_accum": "gradient accumulation steps per optimizer update",
     "amp": "mixed precision (float16 on GPU; --amp-dtype bfloat16 also on CPU)",
     "finetune": "start from these weights (any format load_weights reads); the classifier is re-made",

@@ -134,10 +134,29 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)}")
-        for name in ("lr", "lr_base", "model_ema_decay"):
+        for name in ("lr", "lr_base"):
             v = getattr(self, name)
             if v is not None and not v > 0:
                 raise ConfigError(f"{name} must be positive, got {v}; a typical value is 5e-4")
+        for name in ("min_lr", "warmup_lr", "warmup_epochs", "weight_decay", "mixup", "cutmix", "color_jitter"):
+            if not getattr(self, name) >= 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0 < self.model_ema_decay < 1:
+            raise ConfigError(f"model_ema_decay must be in (0, 1), got {self.model_ema_decay}; the recipe's is 0.99996")
+        if not 0 <= self.val_split < 1:
+            raise ConfigError(f"val_split must be in [0, 1), got {self.val_split}")
+        if self.clip_grad is not None and not self.clip_grad >= 0:
+            raise ConfigError(f"clip_grad must be >= 0 (0 or left out: no clipping), got {self.clip_grad}")
+        if self.clip_grad == 0:
+            object.__setattr__(self, "clip_grad", None)  # clipping to norm 0 would zero every gradient
+        if self.max_steps_per_epoch is not None and self.max_steps_per_epoch <= 0:
+            raise ConfigError(f"max_steps_per_epoch must be a positive integer, got {self.max_steps_per_epoch}")
+        if not (0 < self.scale[0] <= self.scale[1] <= 1 and 0 < self.ratio[0] <= self.ratio[1]):
+            raise ConfigError(f"scale must be 0 < min <= max <= 1 and ratio 0 < min <= max, got scale "
+                              f"{list(self.scale)} and ratio {list(self.ratio)}")
+        if not (self.opt_eps > 0 and all(0 <= b < 1 for b in self.opt_betas)):
+            raise ConfigError(f"opt_eps must be positive and opt_betas in [0, 1), got {self.opt_eps} and "
+                              f"{list(self.opt_betas)}")
         if self.img_size is not None and (len(self.img_size) != 2 or min(self.img_size) <= 0):
             raise ConfigError(f"img_size takes one or two positive integers, got {self.img_size}")
         if self.threads is not None and self.threads <= 0:
