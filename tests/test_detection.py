@@ -193,3 +193,18 @@ def test_cli_bad_data_folder_is_one_line_and_exit_2(tmp_path, capsys):
     assert code == 2 and len(err.splitlines()) == 1 and "is not a folder" in err
     code = main(["detect", "eval", str(tmp_path / "nothing.pth")])
     assert code == 2 and "does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--train-sizes", "64", "16"], "train_sizes must be at least 32 px"),
+    (["--test-size", "10"], "test_size must be at least 32 px"),
+    (["--max-size", "0"], "max_size must be at least 32 px"),
+    (["--synthetic-size", "8"], "synthetic_size must be at least 64 px"),
+    (["--clip-grad", "-1"], "clip_grad must be >= 0"),
+])
+def test_cli_impossible_sizes_are_one_line_and_exit_2(tmp_path, capsys, args, message):
+    # each of these ran into a traceback (a resize to 0 px) or ran silently with a meaningless setting
+    code = main(["detect", "train", "--model", "coat_test", "--output", str(tmp_path / "run"), *args])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and message in err, err
+    assert not (tmp_path / "run").exists()

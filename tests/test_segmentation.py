@@ -117,3 +117,13 @@ def test_train_eval_predict_run_directory(tmp_path, capsys):
 def test_cli_data_without_num_classes_is_exit_2(tmp_path, capsys):
     code = main(["segment", "train", "--data", str(tmp_path), "--model", "coat_test"])
     assert code == 2 and "--num-classes is required" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--size", "8"], "size must be at least 32 px"), (["--num-classes", "0"], "num_classes must be at least 2"),
+])
+def test_cli_impossible_settings_are_one_line_and_exit_2(tmp_path, capsys, args, message):
+    code = main(["segment", "train", "--model", "coat_test", "--output", str(tmp_path / "run"), *args])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and message in err, err
+    assert not (tmp_path / "run").exists()

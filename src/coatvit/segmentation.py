@@ -291,9 +291,13 @@ class SegmentationConfig:
             raise ConfigError("pass either --weights or --pretrained for the backbone, not both")
         if self.data is not None and self.num_classes is None:
             raise ConfigError("--num-classes is required with --data (classes including the background)")
-        for name in ("epochs", "batch_size", "size", "synthetic_train", "synthetic_val"):
+        for name in ("epochs", "batch_size", "synthetic_train", "synthetic_val"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.size < 32:
+            raise ConfigError(f"size must be at least 32 px (the backbone's stride), got {self.size}")
+        if self.num_classes is not None and self.num_classes < 2:
+            raise ConfigError(f"num_classes must be at least 2 (background included), got {self.num_classes}")
         if self.lr <= 0 or self.weight_decay < 0 or self.max_steps < 0 or self.warmup_steps < 0:
             raise ConfigError("lr must be positive; weight_decay, max_steps and warmup_steps non-negative")
 
