@@ -59,7 +59,7 @@ class BenchmarkConfig:
         model: a registered model name (timm has the same names).
         batch_size: batch of the inference and training measures.
         img_size: (H, W) input size.
-        device: 'cpu', 'cuda', 'cuda:1', ... ('auto': cuda where visible, else cpu).
+        device: 'cpu', 'cuda', 'cuda:1', ...
         amp: autocast dtype ('none', 'bfloat16', 'float16'); weights stay fp32.
         channels_last: channels-last model and input (both implementations).
         compile: torch.compile our model (baselines keep their own setting: `timm-compile` compiles timm's).
@@ -132,11 +132,6 @@ class BenchmarkConfig:
             raise ValueError("batch_size, repeats and steps must be >= 1 and warmup >= 0")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be >= 1, got {self.threads} (leave it out for torch's default)")
-        from .train import parse_device
-
-        device = parse_device(self.device)  # a ConfigError (a ValueError) for an unknown or invisible device
-        if self.device == "auto":
-            object.__setattr__(self, "device", device.type)
         if len(self.img_size) != 2 or min(self.img_size) < 1:
             raise ValueError(f"img_size must be (H, W) with positive sides, got {self.img_size}")
         if self.compile_mode not in COMPILE_MODES:

@@ -617,6 +617,11 @@ def run_benchmark(args) -> int:
     from .benchmark import BenchmarkConfig, run_benchmark, write_csv
     from .config import DEFAULT_INPUT_SIZE
     from .registry import get_config
+    from .train import parse_device
+
+    device = parse_device(args.device)  # one line for an unknown name or a device this machine lacks
+    if args.device == "auto":
+        args.device = device.type
 
     config = get_config(args.model)
     img_size = img_size_arg(args.img_size, DEFAULT_INPUT_SIZE[args.model])
