@@ -171,6 +171,17 @@ def test_reset_classifier_and_no_weight_decay():
     assert "serial_blocks1" in groups and "parallel_blocks" in groups
 
 
+def test_negative_class_count_or_unknown_pool_is_refused_and_changes_nothing():
+    with pytest.raises(ValueError, match="num_classes must be >= 0"):
+        coatvit.create_model("coat_test", num_classes=-1)  # made a model without a head before
+    model = coatvit.create_model("coat_test")
+    for args in [(-3,), (3, "max")]:
+        with pytest.raises(ValueError, match="num_classes must be >= 0|global_pool must be 'token' or 'avg'"):
+            model.reset_classifier(*args)
+    assert model.num_classes == model.config.num_classes == 10 and model.config.global_pool == "token"
+    assert model.get_classifier().out_features == 10
+
+
 @pytest.mark.parametrize("name", ALL)
 def test_every_parameter_gets_a_gradient(name):
     torch.manual_seed(0)

@@ -77,6 +77,8 @@ class CoaTConfig:
                 raise ValueError("parallel blocks share one MLP: mlp ratios of scales 2-4 must be equal")
         if self.global_pool not in ("token", "avg"):
             raise ValueError(f"global_pool must be 'token' or 'avg', got {self.global_pool!r}")
+        if self.num_classes < 0:
+            raise ValueError(f"num_classes must be >= 0 (0 removes the classifier), got {self.num_classes}")
 
     @property
     def min_input_size(self) -> int:

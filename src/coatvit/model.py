@@ -677,9 +677,9 @@ class CoaT(nn.Module):
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         if self.features_only:
             raise RuntimeError("a features_only backbone has no classifier")
-        self.num_classes = num_classes
         pool = self.config.global_pool if global_pool is None else global_pool
-        self.config = dataclasses.replace(self.config, num_classes=num_classes, global_pool=pool)
+        self.config = dataclasses.replace(self.config, num_classes=num_classes, global_pool=pool)  # checks both
+        self.num_classes = num_classes
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         if num_classes > 0:
             nn.init.trunc_normal_(self.head.weight, std=0.02, a=-2.0, b=2.0)
