@@ -261,7 +261,7 @@ def _check_inference_args(args) -> None:
     """The numbers eval and predict take, checked before any file is read."""
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be positive, got {args.batch_size}")
-    if getattr(args, "std", None) is not None and 0 in args.std:
+    if args.std is not None and 0 in args.std:
         raise UsageError(f"--std divides the pixel values: give three non-zero numbers, got {args.std}")
 
 

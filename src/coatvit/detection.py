@@ -25,6 +25,7 @@ from PIL import Image, ImageDraw
 from torch import nn
 
 from .errors import ConfigError, DataError
+from .registry import get_config
 
 DETECTORS = ("faster_rcnn", "mask_rcnn")
 # The authors' schedules (coat-spec section 6): epochs and the epochs after which the lr drops 10x.
@@ -131,7 +132,6 @@ def scale_anchors(model: nn.Module, scale: float) -> None:
 
 SYNTHETIC_CLASSES = ("circle", "square", "triangle")
 SYNTHETIC_IMAGE_SIZE = 128
-MIN_IMAGE_SIDE = 32  # CoaT's total stride: the smallest short side a detector may resize to
 MIN_SYNTHETIC_SIDE = 64  # the built-in set's training sizes start at 3/4 of its side, rounded down to 16
 # Object sizes (px of the bounding square at 128 px; they scale with the image): small / medium / large.
 SYNTHETIC_OBJECT_SIZES = ((10, 18), (20, 40), (44, 72))
@@ -544,11 +544,12 @@ class DetectionConfig:
             raise ConfigError(f"clip_grad must be >= 0 (0: no clipping), got {self.clip_grad}")
         if self.train_sizes is not None:
             object.__setattr__(self, "train_sizes", tuple(int(s) for s in self.train_sizes))
-        sizes = {"train_sizes": min(self.train_sizes or [MIN_IMAGE_SIDE]), "max_size": self.max_size,
+        smallest = get_config(self.model).min_input_size  # the backbone's total stride
+        sizes = {"train_sizes": min(self.train_sizes or [smallest]), "max_size": self.max_size,
                  "test_size": self.test_size}
         for name, size in sizes.items():
-            if size is not None and size < MIN_IMAGE_SIDE:
-                raise ConfigError(f"{name} must be at least {MIN_IMAGE_SIDE} px (the backbone's stride), got {size}")
+            if size is not None and size < smallest:
+                raise ConfigError(f"{name} must be at least {smallest} px (the backbone's stride), got {size}")
         if self.synthetic_size < MIN_SYNTHETIC_SIDE:
             raise ConfigError(f"synthetic_size must be at least {MIN_SYNTHETIC_SIDE} px (its training sizes reach "
                               f"down to 3/4 of it), got {self.synthetic_size}")

@@ -24,6 +24,7 @@ from torch import nn
 
 from .detection import FPN_CHANNELS, SYNTHETIC_CLASSES, SYNTHETIC_IMAGE_SIZE, render_synthetic
 from .errors import ConfigError, DataError, WeightsError
+from .registry import get_config
 
 IGNORE_INDEX = 255
 HEAD_CHANNELS = 128
@@ -294,8 +295,9 @@ class SegmentationConfig:
         for name in ("epochs", "batch_size", "synthetic_train", "synthetic_val"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.size < 32:
-            raise ConfigError(f"size must be at least 32 px (the backbone's stride), got {self.size}")
+        smallest = get_config(self.model).min_input_size  # the backbone's total stride
+        if self.size < smallest:
+            raise ConfigError(f"size must be at least {smallest} px (the backbone's stride), got {self.size}")
         if self.num_classes is not None and self.num_classes < 2:
             raise ConfigError(f"num_classes must be at least 2 (background included), got {self.num_classes}")
         if self.lr <= 0 or self.weight_decay < 0 or self.max_steps < 0 or self.warmup_steps < 0:
