@@ -1,5 +1,5 @@
 """Shared command line of the A/B scripts that time one model-level switch on a CPU (crpe_kernels.py,
-class_token_shortcut.py, mlp_chunks.py, train_chunks.py) and of gemm_floor.py: models as NAME:BATCH, image size,
+class_token_shortcut.py, mlp_chunks.py, train_chunks.py, mlp_backward.py) and of gemm_floor.py: models as NAME:BATCH, image size,
 threads, repeats; and the command line and device check of the GPU kernel scripts (layer_norm_sweep.py,
 fused_mlp.py, kernel_widths.py)."""
 
@@ -29,6 +29,21 @@ def start(args: argparse.Namespace, tune_allocator: bool = True) -> list[tuple[s
     print(f"torch {torch.__version__}, {args.threads} threads, {args.img_size} px, median of {args.repeats}, "
           f"allocator {'tuned' if tune_allocator else 'default'}")
     return [(spec.split(":")[0], int(spec.split(":")[1])) for spec in args.models]
+
+
+def training_model(name: str, batch: int, img_size: int) -> tuple[torch.nn.Module, torch.Tensor]:
+    """Model `name` in train mode (seed 0, drop path off, so that variants compute the same thing) and a random
+    batch of images."""
+    torch.manual_seed(0)
+    model = coatvit.create_model(name, drop_path_rate=0.0).train()
+    return model, torch.randn(batch, 3, img_size, img_size)
+
+
+def gradients(model: torch.nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    """The parameters' gradients of a fixed loss on `model(x)`, to check that two variants of a training step agree."""
+    model.zero_grad(set_to_none=True)
+    model(x).square().mean().backward()
+    return [p.grad.clone() for p in model.parameters()]
 
 
 def kernel_parser(description: str, shapes: list[str]) -> argparse.ArgumentParser:

@@ -24,18 +24,11 @@ import statistics
 
 import torch
 
-import coatvit
 from coatvit import runtime
 from coatvit.benchmark import BenchmarkConfig, make_step, time_interleaved
 from coatvit.model import CoaT
 
 import _ab
-
-
-def gradients(model: CoaT, x: torch.Tensor) -> list[torch.Tensor]:
-    model.zero_grad(set_to_none=True)
-    model(x).square().mean().backward()
-    return [p.grad.clone() for p in model.parameters()]
 
 
 def main() -> None:
@@ -55,18 +48,16 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     try:
         for name, batch in models:
-            torch.manual_seed(0)
-            model = coatvit.create_model(name, drop_path_rate=0.0).train()
-            x = torch.randn(batch, 3, args.img_size, args.img_size)
+            model, x = _ab.training_model(name, batch, args.img_size)
             CoaT.train_in_chunks = False
-            whole = gradients(model, x)
+            whole = _ab.gradients(model, x)
             CoaT.train_in_chunks = True
             images = {}
             for mib, layout in variants:
                 CoaT.train_chunk_bytes = mib << 20
                 CoaT.train_chunk_stages = layout == "stages"
                 images[mib] = model.train_chunk_images(x)
-                for a, b in zip(whole, gradients(model, x)):
+                for a, b in zip(whole, _ab.gradients(model, x)):
                     torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-5)
             cfg = BenchmarkConfig(model=name, batch_size=batch, img_size=(args.img_size, args.img_size),
                                   repeats=args.repeats, steps=2, warmup=1)

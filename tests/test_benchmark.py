@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import re
 
 import pytest
 import torch
@@ -130,6 +131,14 @@ def test_cli_benchmark_writes_csv(tmp_path, capsys):
     assert "matmul peak" in out and "(cpu, float32, 2048^3)" in out and "ours is" in out
     rows = list(csv.DictReader(path.open()))
     assert [r["impl"] for r in rows] == ["ours", "reference"] and rows[0]["train_samples_per_sec"] == ""
+
+
+def test_cli_benchmark_prints_peak_memory(capsys):
+    code = main(["benchmark", "--model", "coat_test", "--img-size", "32", "--batch-size", "2", "--vs", "reference",
+                 "--modes", "infer", "--repeats", "1", "--steps", "1", "--warmup", "0", "--threads", "1"])
+    assert code == 0
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if "peak memory" in ln)
+    assert re.fullmatch(r"infer +peak memory, MiB: ours -?\d+, reference -?\d+", line), line
 
 
 @pytest.mark.parametrize("args", [

@@ -469,3 +469,67 @@ def test_fresh_pages_follow_the_allocator_settings(monkeypatch):
             assert not runtime.fresh_pages_for_large_blocks()
     monkeypatch.setattr(runtime, "_tuned", True)
     assert not runtime.fresh_pages_for_large_blocks()
+
+
+@pytest.mark.parametrize("frozen", [(), ("fc1",), ("fc2",), ("fc1", "fc2", "input")], ids=str)
+def test_chunked_mlp_training_equals_the_layers(monkeypatch, frozen):
+    # CPU training runs the MLP as ChunkedMlp: several chunks here (rows floor 256, 700 tokens), values and the
+    # gradients of whatever is trainable equal the layers'; frozen parts get none
+    monkeypatch.setattr(model_module.Mlp, "chunk_elements", 1)
+    torch.manual_seed(0)
+    mlp, norm = model_module.Mlp(24, 96), model_module.LayerNorm(24, eps=1e-6)
+    for name in ("fc1", "fc2"):
+        getattr(mlp, name).requires_grad_(name not in frozen)
+    x = torch.randn(2, 350, 24, requires_grad="input" not in frozen)
+    results = []
+    for chunked in (True, False):
+        monkeypatch.setattr(model_module.Mlp, "train_chunks", chunked)
+        assert mlp.train_chunks_ok(norm(x)) == chunked
+        mlp.zero_grad()
+        norm.zero_grad()
+        x.grad = None
+        out = mlp.residual(x, norm, model_module.DropPath(), fast=True)
+        out.square().sum().backward()
+        tensors = [x, norm.weight, *mlp.parameters()]
+        results.append((out.detach(), [None if t.grad is None else t.grad.clone() for t in tensors]))
+    (out_c, grads_c), (out_l, grads_l) = results
+    assert _max_diff(out_c, out_l) < 1e-5
+    for g_c, g_l in zip(grads_c, grads_l):
+        assert (g_c is None) == (g_l is None)
+        if g_l is not None:
+            assert _max_diff(g_c, g_l) < 1e-5 * max(1.0, g_l.abs().max().item())
+
+
+def test_chunked_mlp_keeps_no_gelu_output_for_backward(monkeypatch):
+    # what training saves falls by exactly the GELU outputs the layers keep for fc2's weight gradient
+    from coatvit.memory import saved_activation_bytes
+
+    model = _model("coat_lite_mini").train()
+    x = torch.randn(2, 3, *SIZE)
+    gelu_bytes = []
+
+    def count(module, inputs, output):
+        gelu_bytes.append(output.numel() * output.element_size())
+
+    monkeypatch.setattr(model_module.Mlp, "train_chunks", False)
+    hooks = [m.act.register_forward_hook(count) for m in model.modules() if isinstance(m, model_module.Mlp)]
+    layers = saved_activation_bytes(model, x)
+    for hook in hooks:
+        hook.remove()
+    monkeypatch.setattr(model_module.Mlp, "train_chunks", True)
+    chunked = saved_activation_bytes(model, x)
+    assert len(gelu_bytes) == sum(model.config.serial_depths)
+    assert layers - chunked == sum(gelu_bytes)
+
+
+def test_chunked_mlp_is_not_used_where_it_cannot_run():
+    mlp = model_module.Mlp(8, 32)
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        assert not mlp.train_chunks_ok(x)  # inference: residual_in_chunks or the layers
+    assert not mlp.train_chunks_ok(x.double())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not mlp.train_chunks_ok(x)
+    mlp.requires_grad_(False)
+    assert not mlp.train_chunks_ok(x)  # nothing to record
+    assert mlp.train_chunks_ok(x.requires_grad_())

@@ -460,6 +460,8 @@ def run_benchmark(cfg: BenchmarkConfig, *, log: Callable[[str], None] = lambda s
         if cfg.peak_memory and mode in ("infer", "train"):
             for impl in impls:
                 rows[impl][f"{mode}_peak_mem_mb"] = round(peak_memory_mb(impl, mode, cfg), 1)
+            log(f"{mode:<7} peak memory, MiB: " + ", ".join(f"{impl} {rows[impl][f'{mode}_peak_mem_mb']:.0f}"
+                                                           for impl in impls))
         del models, steps
     load_after = os.getloadavg()
     env = _environment(cfg, peak, load_before, load_after)

@@ -16,9 +16,10 @@ with less memory traffic, which is what CoaT's time goes to on a CPU: the image 
 channels-last maps (B, H, W, C) by the convolutions and resizes instead of being transposed to NCHW and back;
 q, k and v stay views of the qkv projection (per-head products only where heads are wide); in inference the
 three CRPE convolutions run as one depthwise conv; in CPU inference each serial block runs a few images, each MLP
-a few hundred tokens, at a time so that the activations stay in cache; and a classifier that pools the class token
-computes only the class-token rows of its last block (`CoaT.class_token_shortcut`: the image tokens there only
-feed k and v). Its float summation order differs, so its outputs match the reference to about 1e-6, not bit for
+a few hundred tokens, at a time so that the activations stay in cache; in CPU training each MLP runs as one
+autograd function over such chunks that keeps fc1's output for backward but not the GELU's (`ChunkedMlp`); and a
+classifier that pools the class token computes only the class-token rows of its last block
+(`CoaT.class_token_shortcut`: the image tokens there only feed k and v). Its float summation order differs, so its outputs match the reference to about 1e-6, not bit for
 bit (tests/test_fast_path.py). On the meta device (MAC counting) the reference path runs. Measured, on a CPU the
 fast path's lead over timm's port comes mostly from writing less freshly mapped memory (BENCHMARKS.md, "Where the
 CPU lead comes from"). On a GPU the attention (forward and backward), the LayerNorms (inference) and, under
@@ -346,7 +347,32 @@ class Mlp(nn.Module):
                               self.fc1.bias, self.fc2.weight, self.fc2.bias, torch.get_autocast_dtype(x.device.type))
             if out is not None:  # None: the launch failed, the eager ops run
                 return out
-        return x + drop_path(self(norm(x)))
+        x_norm = norm(x)
+        if fast and self.train_chunks_ok(x_norm):
+            return x + drop_path(self.forward_train_chunks(x_norm))
+        return x + drop_path(self(x_norm))
+
+    # CPU training runs the MLP as one autograd function over row chunks (`ChunkedMlp`): backward keeps fc1's output
+    # but not the GELU's, recomputing it a chunk at a time while it is in cache. A training step then holds 13-16%
+    # less memory at the same speed (benchmarks/mlp_backward.py, BENCHMARKS.md). Its gradients cannot be
+    # differentiated again (a gradient penalty needs `set_fast_path(False)`).
+    train_chunks = True
+
+    def train_chunks_ok(self, x: torch.Tensor) -> bool:
+        """Whether `residual` runs `ChunkedMlp` on the MLP's input x: fp32 CPU tokens with autograd recording through
+        them or the MLP's parameters, outside autocast and graph capture (compiled, the layers run as themselves)."""
+        if not self.train_chunks or x.device.type != "cpu" or x.dtype != torch.float32:
+            return False
+        if not torch.is_grad_enabled() or torch.is_autocast_enabled("cpu") or capturing_graph():
+            return False
+        return x.requires_grad or any(p.requires_grad for p in self.parameters())
+
+    def forward_train_chunks(self, x: torch.Tensor) -> torch.Tensor:
+        """self(x) through `ChunkedMlp`, the chunks as large as in inference (`chunk_elements`)."""
+        rows = max(256, self.chunk_elements // self.fc1.out_features)
+        y = ChunkedMlp.apply(x.reshape(-1, x.shape[-1]), self.fc1.weight, self.fc1.bias, self.fc2.weight,
+                             self.fc2.bias, rows, self.act.approximate)
+        return y.view(*x.shape[:-1], y.shape[-1])
 
     def fused_ok(self, x: torch.Tensor, norm: LayerNorm, drop_path: DropPath) -> bool:
         """The fused kernel's conditions: fp32 tokens on a CUDA device (or the interpreter) under bf16/fp16
@@ -386,6 +412,59 @@ class Mlp(nn.Module):
             torch.ops.aten.gelu_(h, approximate=self.act.approximate)
             torch.addmm(self.fc2.bias, h, w2, out=out[i:i + rows]).add_(chunk)  # fc2 + residual, in the output
         return out.view_as(x)
+
+
+class ChunkedMlp(torch.autograd.Function):
+    """fc2(GELU(fc1(x))) of tokens x (M, C) for training, `rows` tokens at a time.
+
+    Autograd through the layers keeps two (M, hidden) tensors for backward, fc1's output (for the GELU) and the
+    GELU's (for fc2's weight gradient); this keeps only the first and recomputes the GELU of each chunk in backward,
+    where the chunk's hidden gradients stay in cache as well. The same products as the layers', summed over
+    chunks for the weight gradients.
+    """
+
+    @staticmethod
+    def forward(ctx, x, w1, b1, w2, b2, rows: int, approximate: str):
+        m, hidden = x.shape[0], w1.shape[0]
+        h = x.new_empty(m, hidden)  # fc1's output, kept for backward
+        y = x.new_empty(m, w2.shape[0])
+        act = x.new_empty(min(rows, m), hidden)  # one chunk's GELU, reused
+        for i in range(0, m, rows):
+            hi = torch.addmm(b1, x[i:i + rows], w1.t(), out=h[i:i + rows])
+            ai = torch.ops.aten.gelu.out(hi, approximate=approximate, out=act[:hi.shape[0]])
+            torch.addmm(b2, ai, w2.t(), out=y[i:i + rows])
+        ctx.save_for_backward(x, h, w1, w2)
+        ctx.rows, ctx.approximate = rows, approximate
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_y):
+        x, h, w1, w2 = ctx.saved_tensors
+        need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad[:5]
+        rows, (m, hidden) = ctx.rows, h.shape
+        grad_y = grad_y.contiguous()
+        grad_x = torch.empty_like(x) if need_x else None
+        grad_w1 = torch.zeros_like(w1) if need_w1 else None
+        grad_b1 = h.new_zeros(hidden) if need_b1 else None
+        grad_w2 = torch.zeros_like(w2) if need_w2 else None
+        act, grad_h = h.new_empty(2, min(rows, m), hidden).unbind(0)  # one chunk's GELU and hidden gradient
+        for i in range(0, m, rows):
+            hi, gi = h[i:i + rows], grad_y[i:i + rows]
+            n = hi.shape[0]
+            if need_w2:
+                grad_w2.addmm_(gi.t(), torch.ops.aten.gelu.out(hi, approximate=ctx.approximate, out=act[:n]))
+            if need_x or need_w1 or need_b1:
+                gh = torch.mm(gi, w2, out=grad_h[:n])
+                torch.ops.aten.gelu_backward.grad_input(gh, hi, approximate=ctx.approximate, grad_input=gh)
+                if need_b1:
+                    grad_b1 += gh.sum(0)
+                if need_w1:
+                    grad_w1.addmm_(gh.t(), x[i:i + rows])
+                if need_x:
+                    torch.mm(gh, w1, out=grad_x[i:i + rows])
+        grad_b2 = grad_y.sum(0) if need_b2 else None
+        return grad_x, grad_w1, grad_b1, grad_w2, grad_b2, None, None
 
 
 def in_chunks_ok(x: torch.Tensor, block: nn.Module) -> bool:
