@@ -353,9 +353,10 @@ class Mlp(nn.Module):
         return x + drop_path(self(x_norm))
 
     # CPU training runs the MLP as one autograd function over row chunks (`ChunkedMlp`): backward keeps fc1's output
-    # but not the GELU's, recomputing it a chunk at a time while it is in cache. A training step then holds 13-16%
-    # less memory at the same speed (benchmarks/mlp_backward.py, BENCHMARKS.md). Its gradients cannot be
-    # differentiated again (a gradient penalty needs `set_fast_path(False)`).
+    # but not the GELU's, recomputing it a chunk at a time while it is in cache. Training at batch 16 then saves 17-26%
+    # less for backward (coat_lite_tiny's whole-step peak 1516 -> 1116 MiB), for a step time within a few percent
+    # (coat_lite_tiny 1.02-1.04x, coat_tiny 0.97-0.98x; benchmarks/mlp_backward.py, BENCHMARKS.md). Its gradients
+    # cannot be differentiated again (a gradient penalty needs `set_fast_path(False)`).
     train_chunks = True
 
     def train_chunks_ok(self, x: torch.Tensor) -> bool:
