@@ -7,6 +7,7 @@ import os
 
 import pytest
 import torch
+from torch import nn
 
 import coatvit
 from coatvit import model as model_module
@@ -533,3 +534,64 @@ def test_chunked_mlp_is_not_used_where_it_cannot_run():
     mlp.requires_grad_(False)
     assert not mlp.train_chunks_ok(x)  # nothing to record
     assert mlp.train_chunks_ok(x.requires_grad_())
+
+
+class LowRankUpdate(nn.Module):
+    """A LoRA-style replacement of a Linear, as fine-tuning libraries install: the base layer plus a low-rank term."""
+
+    def __init__(self, base: nn.Linear, rank: int = 2):
+        super().__init__()
+        self.base = base
+        self.down = nn.Linear(base.in_features, rank, bias=False)
+        self.up = nn.Linear(rank, base.out_features, bias=False)
+        nn.init.normal_(self.up.weight, std=0.5)
+
+    def forward(self, x):
+        return self.base(x) + self.up(self.down(x))
+
+
+@pytest.mark.parametrize("name", ["coat_lite_mini", "coat_mini"])
+def test_replaced_and_hooked_layers_are_called_on_the_fast_path(monkeypatch, name):
+    # fast paths that read fc1/fc2/qkv/CRPE weights directly must call the layers instead once they are replaced
+    # or hooked: same values and gradients as the reference path, chunks forced small
+    monkeypatch.setattr(model_module.Mlp, "chunk_elements", 1)
+    monkeypatch.setattr(model_module, "images_per_chunk", lambda tokens, dim: 1)
+    model = _model(name)
+    for m in list(model.modules()):
+        if isinstance(m, model_module.Mlp):
+            m.fc1, m.act = LowRankUpdate(m.fc1), nn.ReLU()
+            m.fc2.register_forward_hook(lambda mod, inp, out: out * 0.5)
+        elif isinstance(m, model_module.FactorAttnConvRelPosEnc):
+            m.qkv = LowRankUpdate(m.qkv)
+        elif isinstance(m, model_module.ConvRelPosEnc):
+            m.conv_list[0].register_forward_hook(lambda mod, inp, out: out * 2)
+    x = torch.randn(3, 3, *SIZE)
+    with torch.no_grad():
+        plain = _model(name).eval()(x)
+        fast, ref = _both(model.eval(), lambda m: m(x))
+    assert _max_diff(fast, ref) < 1e-4 < _max_diff(ref, plain)  # the changes matter, and the fast path sees them
+
+    target = torch.tensor([0, 1, 2])
+
+    def step(m):
+        m.zero_grad()
+        torch.nn.functional.cross_entropy(m(x), target).backward()
+        return {k: p.grad.clone() for k, p in m.named_parameters()}
+
+    grads_fast, grads_ref = _both(model.train(), step)
+    for key, g in grads_ref.items():
+        assert _max_diff(grads_fast[key], g) < 1e-4 * max(1.0, g.abs().max().item()), key
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
+def test_dynamic_int8_quantization_runs_on_the_fast_path():
+    # torch's dynamic quantization swaps every nn.Linear for a quantized module (its weight is a method): the fast
+    # path calls those and is as close to the float model as the quantized reference path
+    model = _model("coat_lite_mini").eval()
+    quantized = torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
+    x = torch.randn(3, 3, *SIZE)
+    with torch.no_grad():
+        exact = model(x)
+        fast, ref = _both(quantized, lambda m: m(x))
+    err_fast, err_ref = _max_diff(fast, exact), _max_diff(ref, exact)
+    assert 0 < err_fast < 2 * err_ref

@@ -19,8 +19,10 @@ three CRPE convolutions run as one depthwise conv; in CPU inference each serial 
 a few hundred tokens, at a time so that the activations stay in cache; in CPU training each MLP runs as one
 autograd function over such chunks that keeps fc1's output for backward but not the GELU's (`ChunkedMlp`); and a
 classifier that pools the class token computes only the class-token rows of its last block
-(`CoaT.class_token_shortcut`: the image tokens there only feed k and v). Its float summation order differs, so its outputs match the reference to about 1e-6, not bit for
-bit (tests/test_fast_path.py). On the meta device (MAC counting) the reference path runs. Measured, on a CPU the
+(`CoaT.class_token_shortcut`: the image tokens there only feed k and v). Its float summation order differs, so its
+outputs match the reference to about 1e-6, not bit for bit (tests/test_fast_path.py). Where a layer has been
+replaced (dynamic int8 quantization, a LoRA wrapper) or carries hooks, the fast path calls it instead of reading its
+weights (`called_as_built`). On the meta device (MAC counting) the reference path runs. Measured, on a CPU the
 fast path's lead over timm's port comes mostly from writing less freshly mapped memory (BENCHMARKS.md, "Where the
 CPU lead comes from"). On a GPU the attention (forward and backward), the LayerNorms (inference) and, under
 autocast, a block's whole MLP sub-layer (inference, `Mlp.residual`) can run as Triton kernels instead
@@ -58,6 +60,15 @@ def kernel_inference(x: torch.Tensor, *modules: nn.Module) -> bool:
         return False
     return not (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for m in modules
                                                                     for p in m.parameters())))
+
+
+def called_as_built(*modules: nn.Module) -> bool:
+    """Whether fast paths may use these modules' parameters instead of calling them: each is exactly the class the
+    model built (nn.Linear, nn.Conv2d, nn.GELU; not a quantized, LoRA-wrapped or other replacement) and has no
+    forward or backward hooks of its own, so that not calling it changes nothing. Otherwise the modules are called."""
+    return all(type(m) in (nn.Linear, nn.Conv2d, nn.GELU) and not (m._forward_hooks or m._forward_pre_hooks
+                                                                   or m._backward_hooks or m._backward_pre_hooks)
+               for m in modules)
 
 
 class LayerNorm(nn.LayerNorm):
@@ -210,7 +221,7 @@ class ConvRelPosEnc(nn.Module):
     def conv_tokens(self, v: torch.Tensor, size: Size) -> torch.Tensor:
         """Fast path: DWConv(V_img) of a token-layout v (B, N, C), as tokens (B, H*W, C) (a channels-last view)."""
         v_img = as_channels_last(v[:, 1:], size)  # (B, C, H, W), channels-last view of the qkv output
-        if torch.is_grad_enabled() and not self.merge_under_autograd:
+        if (torch.is_grad_enabled() and not self.merge_under_autograd) or not called_as_built(*self.conv_list):
             v_img = self.conv_per_window(v_img, torch.channels_last)
         else:
             weight, bias = self.merged_kernel()
@@ -287,9 +298,10 @@ class FactorAttnConvRelPosEnc(nn.Module):
         q of the class token only. The CRPE term of the class token is zero, so no convolution runs."""
         B, N, C = x.shape
         h = self.num_heads
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() or not called_as_built(self.qkv):
             # the whole projection: with freezing, inductor's C++ GEMM template (mode="max-autotune", torch 2.14)
-            # drops the storage offset of a frozen weight slice and would multiply by the q rows (wrong logits)
+            # drops the storage offset of a frozen weight slice and would multiply by the q rows (wrong logits);
+            # a replaced or hooked projection is called as itself
             q, k, v = self.qkv(x).unflatten(-1, (3, C)).unbind(2)
             q = q[:, :1]
         else:
@@ -327,6 +339,7 @@ class Mlp(nn.Module):
         self.fc1 = nn.Linear(dim, hidden)
         self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden, dim)
+        self.hidden_features = hidden
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.act(self.fc1(x)))
@@ -338,6 +351,10 @@ class Mlp(nn.Module):
     # Chunks reuse one hidden buffer, take GELU in place and write fc2 straight into the output (the same kernels,
     # bit-identical); measured against calling the layers per chunk: benchmarks/mlp_chunks.py, BENCHMARKS.md
     in_place_chunks = True
+
+    def layers_as_built(self) -> bool:
+        """Whether the fast paths that take fc1, GELU and fc2 apart may (`called_as_built`)."""
+        return called_as_built(self.fc1, self.act, self.fc2)
 
     def residual(self, x: torch.Tensor, norm: LayerNorm, drop_path: DropPath, fast: bool) -> torch.Tensor:
         """x + drop_path(self(norm(x))); with `fast` (the block's fast path), one Triton kernel where
@@ -362,7 +379,7 @@ class Mlp(nn.Module):
     def train_chunks_ok(self, x: torch.Tensor) -> bool:
         """Whether `residual` runs `ChunkedMlp` on the MLP's input x: fp32 CPU tokens with autograd recording through
         them or the MLP's parameters, outside autocast and graph capture (compiled, the layers run as themselves)."""
-        if not self.train_chunks or x.device.type != "cpu" or x.dtype != torch.float32:
+        if not self.train_chunks or x.device.type != "cpu" or x.dtype != torch.float32 or not self.layers_as_built():
             return False
         if not torch.is_grad_enabled() or torch.is_autocast_enabled("cpu") or capturing_graph():
             return False
@@ -370,7 +387,7 @@ class Mlp(nn.Module):
 
     def forward_train_chunks(self, x: torch.Tensor) -> torch.Tensor:
         """self(x) through `ChunkedMlp`, the chunks as large as in inference (`chunk_elements`)."""
-        rows = max(256, self.chunk_elements // self.fc1.out_features)
+        rows = max(256, self.chunk_elements // self.hidden_features)
         y = ChunkedMlp.apply(x.reshape(-1, x.shape[-1]), self.fc1.weight, self.fc1.bias, self.fc2.weight,
                              self.fc2.bias, rows, self.act.approximate)
         return y.view(*x.shape[:-1], y.shape[-1])
@@ -386,7 +403,9 @@ class Mlp(nn.Module):
         if not torch.is_autocast_enabled(device) or torch.get_autocast_dtype(device) not in (torch.bfloat16,
                                                                                            torch.float16):
             return False
-        if (drop_path.training and drop_path.rate > 0) or self.act.approximate != "none" or not norm.fast_path:
+        if (drop_path.training and drop_path.rate > 0) or not self.layers_as_built() or not norm.fast_path:
+            return False
+        if self.act.approximate != "none":
             return False
         return kernels.fused_mlp_for(x.shape[-1]) and kernels.use_kernels(x)
 
@@ -398,9 +417,10 @@ class Mlp(nn.Module):
         """
         flat = x.reshape(-1, x.shape[-1])  # (B*N, C)
         out = torch.empty_like(flat)
-        rows = max(256, self.chunk_elements // self.fc1.out_features)
-        if not self.in_place_chunks or torch.is_autocast_enabled(x.device.type):
-            # autocast does not reach out= calls: under it the layers run as themselves
+        rows = max(256, self.chunk_elements // self.hidden_features)
+        if not self.in_place_chunks or torch.is_autocast_enabled(x.device.type) or not self.layers_as_built():
+            # autocast does not reach out= calls: under it (and where a layer is replaced or hooked) the layers run
+            # as themselves
             for i in range(0, flat.shape[0], rows):
                 chunk = flat[i:i + rows]
                 torch.add(chunk, self(norm(chunk)), out=out[i:i + rows])
