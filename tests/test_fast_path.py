@@ -561,6 +561,7 @@ def test_replaced_and_hooked_layers_are_called_on_the_fast_path(monkeypatch, nam
         if isinstance(m, model_module.Mlp):
             m.fc1, m.act = LowRankUpdate(m.fc1), nn.ReLU()
             m.fc2.register_forward_hook(lambda mod, inp, out: out * 0.5)
+            m.fc2.bias = None
         elif isinstance(m, model_module.FactorAttnConvRelPosEnc):
             m.qkv = LowRankUpdate(m.qkv)
         elif isinstance(m, model_module.ConvRelPosEnc):
@@ -595,3 +596,16 @@ def test_dynamic_int8_quantization_runs_on_the_fast_path():
         fast, ref = _both(quantized, lambda m: m(x))
     err_fast, err_ref = _max_diff(fast, exact), _max_diff(ref, exact)
     assert 0 < err_fast < 2 * err_ref
+
+
+def test_mlp_without_biases_runs_as_its_layers():
+    # a plain Linear whose bias was removed: the chunked paths (written for fc1 and fc2 with biases) step aside
+    torch.manual_seed(0)
+    mlp, norm = model_module.Mlp(16, 64), model_module.LayerNorm(16, eps=1e-6)
+    mlp.fc1.bias = None
+    x = torch.randn(2, 300, 16)
+    assert not mlp.layers_as_built()
+    with torch.no_grad():
+        assert _max_diff(mlp.residual_in_chunks(x, norm), x + mlp(norm(x))) < 1e-6
+    out = mlp.residual(x.requires_grad_(), norm, model_module.DropPath(), fast=True)
+    assert _max_diff(out, x + mlp(norm(x))) < 1e-6

@@ -353,8 +353,9 @@ class Mlp(nn.Module):
     in_place_chunks = True
 
     def layers_as_built(self) -> bool:
-        """Whether the fast paths that take fc1, GELU and fc2 apart may (`called_as_built`)."""
-        return called_as_built(self.fc1, self.act, self.fc2)
+        """Whether the fast paths that take fc1, GELU and fc2 apart may (`called_as_built`, biases still there)."""
+        return (called_as_built(self.fc1, self.act, self.fc2) and self.fc1.bias is not None
+                and self.fc2.bias is not None)
 
     def residual(self, x: torch.Tensor, norm: LayerNorm, drop_path: DropPath, fast: bool) -> torch.Tensor:
         """x + drop_path(self(norm(x))); with `fast` (the block's fast path), one Triton kernel where
@@ -403,9 +404,9 @@ class Mlp(nn.Module):
         if not torch.is_autocast_enabled(device) or torch.get_autocast_dtype(device) not in (torch.bfloat16,
                                                                                            torch.float16):
             return False
-        if (drop_path.training and drop_path.rate > 0) or not self.layers_as_built() or not norm.fast_path:
+        if drop_path.training and drop_path.rate > 0 or not norm.fast_path:
             return False
-        if self.act.approximate != "none":
+        if not self.layers_as_built() or self.act.approximate != "none":  # the first test makes act a GELU
             return False
         return kernels.fused_mlp_for(x.shape[-1]) and kernels.use_kernels(x)
 
