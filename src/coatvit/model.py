@@ -373,8 +373,7 @@ class Mlp(nn.Module):
     # CPU training runs the MLP as one autograd function over row chunks (`ChunkedMlp`): backward keeps fc1's output
     # but not the GELU's, recomputing it a chunk at a time while it is in cache. Training at batch 16 then saves 17-26%
     # less for backward (coat_lite_tiny's whole-step peak 1516 -> 1116 MiB), for a step time within a few percent
-    # (coat_lite_tiny 1.02-1.04x, coat_tiny 0.97-0.98x; benchmarks/mlp_backward.py, BENCHMARKS.md). Its gradients
-    # cannot be differentiated again (a gradient penalty needs `set_fast_path(False)`).
+    # (coat_lite_tiny 1.02-1.04x, coat_tiny 0.97-0.98x; benchmarks/mlp_backward.py, BENCHMARKS.md).
     train_chunks = True
 
     def train_chunks_ok(self, x: torch.Tensor) -> bool:
@@ -442,7 +441,8 @@ class ChunkedMlp(torch.autograd.Function):
     Autograd through the layers keeps two (M, hidden) tensors for backward, fc1's output (for the GELU) and the
     GELU's (for fc2's weight gradient); this keeps only the first and recomputes the GELU of each chunk in backward,
     where the chunk's hidden gradients stay in cache as well. The same products as the layers', summed over
-    chunks for the weight gradients.
+    chunks for the weight gradients. A backward that builds a graph itself (`create_graph=True`, a gradient
+    penalty) recomputes the layers with differentiable ops instead, so the gradients can be differentiated again.
     """
 
     @staticmethod
@@ -455,14 +455,15 @@ class ChunkedMlp(torch.autograd.Function):
             hi = torch.addmm(b1, x[i:i + rows], w1.t(), out=h[i:i + rows])
             ai = torch.ops.aten.gelu.out(hi, approximate=approximate, out=act[:hi.shape[0]])
             torch.addmm(b2, ai, w2.t(), out=y[i:i + rows])
-        ctx.save_for_backward(x, h, w1, w2)
+        ctx.save_for_backward(x, h, w1, b1, w2)
         ctx.rows, ctx.approximate = rows, approximate
         return y
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y):
-        x, h, w1, w2 = ctx.saved_tensors
+        x, h, w1, b1, w2 = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph: the saved inputs carry their history, h is recomputed from them
+            return (*ChunkedMlp.differentiable_grads(grad_y, x, w1, b1, w2, ctx.approximate), None, None)
         need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad[:5]
         rows, (m, hidden) = ctx.rows, h.shape
         grad_y = grad_y.contiguous()
@@ -487,6 +488,14 @@ class ChunkedMlp(torch.autograd.Function):
                     torch.mm(gh, w1, out=grad_x[i:i + rows])
         grad_b2 = grad_y.sum(0) if need_b2 else None
         return grad_x, grad_w1, grad_b1, grad_w2, grad_b2, None, None
+
+    @staticmethod
+    def differentiable_grads(grad_y, x, w1, b1, w2, approximate: str) -> tuple[torch.Tensor, ...]:
+        """Gradients of fc2(GELU(fc1(x))) with respect to x, w1, b1, w2, b2, as ops autograd can differentiate."""
+        h = F.linear(x, w1, b1)
+        grad_h = torch.ops.aten.gelu_backward(grad_y @ w2, h, approximate=approximate)
+        return (grad_h @ w1, grad_h.t() @ x, grad_h.sum(0), grad_y.t() @ F.gelu(h, approximate=approximate),
+                grad_y.sum(0))
 
 
 def in_chunks_ok(x: torch.Tensor, block: nn.Module) -> bool:
