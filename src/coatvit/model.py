@@ -352,6 +352,10 @@ class Mlp(nn.Module):
     # bit-identical); measured against calling the layers per chunk: benchmarks/mlp_chunks.py, BENCHMARKS.md
     in_place_chunks = True
 
+    def chunk_rows(self) -> int:
+        """Tokens per chunk of the chunked paths: `chunk_elements` hidden activations, at least 256 tokens."""
+        return max(256, self.chunk_elements // self.hidden_features)
+
     def layers_as_built(self) -> bool:
         """Whether the fast paths that take fc1, GELU and fc2 apart may (`called_as_built`, biases still there)."""
         return (called_as_built(self.fc1, self.act, self.fc2) and self.fc1.bias is not None
@@ -387,7 +391,7 @@ class Mlp(nn.Module):
 
     def forward_train_chunks(self, x: torch.Tensor) -> torch.Tensor:
         """self(x) through `ChunkedMlp`, the chunks as large as in inference (`chunk_elements`)."""
-        rows = max(256, self.chunk_elements // self.hidden_features)
+        rows = self.chunk_rows()
         y = ChunkedMlp.apply(x.reshape(-1, x.shape[-1]), self.fc1.weight, self.fc1.bias, self.fc2.weight,
                              self.fc2.bias, rows, self.act.approximate)
         return y.view(*x.shape[:-1], y.shape[-1])
@@ -417,7 +421,7 @@ class Mlp(nn.Module):
         """
         flat = x.reshape(-1, x.shape[-1])  # (B*N, C)
         out = torch.empty_like(flat)
-        rows = max(256, self.chunk_elements // self.hidden_features)
+        rows = self.chunk_rows()
         if not self.in_place_chunks or torch.is_autocast_enabled(x.device.type) or not self.layers_as_built():
             # autocast does not reach out= calls: under it (and where a layer is replaced or hooked) the layers run
             # as themselves
