@@ -86,6 +86,26 @@ def test_vs_timm_builds_timm_model_for_our_own_variant():
     assert rows[1]["impl"] == "timm" and rows[1]["infer_speedup"] > 0 and "train_step_time" not in rows[1]
 
 
+def test_ours_no_native_contender_runs_without_the_native_kernels(monkeypatch):
+    from coatvit import native
+
+    seen = []
+    real = benchmark.make_step
+
+    def spying_step(mode, model, cfg):
+        step = real(mode, model, cfg)
+        return lambda: (seen.append(native.enabled()), step())
+
+    monkeypatch.setattr(benchmark, "make_step", spying_step)
+    cfg = benchmark.BenchmarkConfig(**{**TINY, "repeats": 1}, vs=("ours-no-native",), modes=("latency",))
+    steps = {impl: benchmark.contender_step(impl, "latency", benchmark.build_model(impl, cfg), cfg)
+             for impl in ("ours", "ours-no-native")}
+    steps["ours"]()
+    steps["ours-no-native"]()
+    steps["ours"]()
+    assert seen == [True, False, True]
+
+
 def test_time_interleaved_alternates_order():
     order = []
     cfg = benchmark.BenchmarkConfig(**{**TINY, "repeats": 4})

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import test_fuzz as fuzz
 import test_kernels as kernels_test
+import test_native as native_test
 import test_reliability_atomic as atomic
 import test_reliability_cli as cli
 import test_reliability_crash as crash
@@ -75,6 +76,10 @@ def expected_rows() -> dict[str, int]:
         "GPU kernels fail to launch": cases(
             kernels_test.test_by_default_a_failed_kernel_launch_warns_once_and_the_eager_ops_take_over)
             + cases(kernels_test.test_a_failed_fused_mlp_launch_warns_once_and_the_eager_mlp_runs),
+        "Native CPU kernels cannot be built or loaded": (
+            cases(native_test.test_no_compiler_means_the_eager_ops_silently)
+            + cases(native_test.test_a_failing_compiler_warns_once_and_the_eager_ops_run)
+            + cases(native_test.test_a_damaged_library_file_is_rebuilt)),
     }
 
 

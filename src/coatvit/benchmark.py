@@ -34,7 +34,8 @@ except ImportError:  # Windows
 
 from .runtime import allocator_tuned, tune_cpu_allocator
 
-BASELINES = ("timm", "timm-compile", "reference", "ours-compile", "ours-ckpt", "ours-triton", "ours-no-triton")
+BASELINES = ("timm", "timm-compile", "reference", "ours-compile", "ours-ckpt", "ours-triton", "ours-no-triton",
+             "ours-no-native")
 MODES = ("infer", "latency", "train")
 AMP_DTYPES = {"none": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
@@ -73,7 +74,8 @@ class BenchmarkConfig:
             (our reference path), 'ours-compile', 'ours-ckpt' (ours with gradient checkpointing: the training
             speed and peak memory it trades), 'ours-triton' (ours with the Triton kernels of `coatvit.kernels`
             forced on, any batch size: CUDA), 'ours-no-triton' (ours with them off; 'ours' itself follows their
-            default, `COATVIT_TRITON`: on for CUDA batches of 128 images or more).
+            default, `COATVIT_TRITON`: on for CUDA batches of 128 images or more), 'ours-no-native' (ours without
+            the native CPU kernels of `coatvit.native`, which 'ours' runs where `COATVIT_NATIVE` allows).
         modes: which of 'infer', 'latency', 'train' to run.
         repeats: interleaved repeats; the median and the spread (min-max) are reported.
         steps: timed steps per repeat (their mean is one sample).
@@ -152,7 +154,7 @@ def build_model(impl: str, cfg: BenchmarkConfig) -> nn.Module:
     reference path), 'timm', or a '-compile' variant."""
     base = impl.removesuffix("-compile")
     torch.manual_seed(cfg.seed)
-    if base in ("ours", "ours-ckpt", "ours-triton", "ours-no-triton", "reference"):
+    if base in ("ours", "ours-ckpt", "ours-triton", "ours-no-triton", "ours-no-native", "reference"):
         from .registry import create_model
 
         model = create_model(cfg.model)
@@ -217,18 +219,20 @@ def _timm_model(name: str, config, img_size: tuple[int, int]) -> nn.Module:
 
 def contender_step(impl: str, mode: str, model: nn.Module, cfg: BenchmarkConfig) -> Callable[[], None]:
     """`make_step` for one contender; 'ours-triton' runs its steps with `coatvit.kernels` forced on,
-    'ours-no-triton' with them off."""
+    'ours-no-triton' with them off, 'ours-no-native' with `coatvit.native` off."""
     step = make_step(mode, model, cfg)
-    if impl not in ("ours-triton", "ours-no-triton"):
+    if impl not in ("ours-triton", "ours-no-triton", "ours-no-native"):
         return step
-    from . import kernels
+    from . import kernels, native
+
+    switch, on = (native, False) if impl == "ours-no-native" else (kernels, impl == "ours-triton")
 
     def with_kernels():
-        kernels.set_enabled(impl == "ours-triton")
+        switch.set_enabled(on)
         try:
             step()
         finally:
-            kernels.set_enabled(None)
+            switch.set_enabled(None)
 
     return with_kernels
 
@@ -445,7 +449,7 @@ def run_benchmark(cfg: BenchmarkConfig, *, log: Callable[[str], None] = lambda s
             if impl in faults:
                 row[f"{mode}_page_faults"] = round(statistics.median(faults[impl]))
                 page_faults = f"  {row[f'{mode}_page_faults']} page faults/step"
-            log(f"{mode:<7} {impl:<13} {batch / t:9.2f} img/s  {t * 1e3:9.1f} ms/step  (spread {spread} ms)"
+            log(f"{mode:<7} {impl:<14} {batch / t:9.2f} img/s  {t * 1e3:9.1f} ms/step  (spread {spread} ms)"
                 + page_faults + ("" if impl == "ours" else f"  ours is {ratio:.2f}x faster"))
         for other in ("timm", "timm-compile"):  # ours compiled against timm eager and compiled, per repeat
             if "ours-compile" in samples and other in samples:

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from . import kernels, runtime
+from . import kernels, native, runtime
 from .config import CoaTConfig
 
 Size = tuple[int, int]
@@ -69,6 +69,28 @@ def called_as_built(*modules: nn.Module) -> bool:
     return all(type(m) in (nn.Linear, nn.Conv2d, nn.GELU) and not (m._forward_hooks or m._forward_pre_hooks
                                                                    or m._backward_hooks or m._backward_pre_hooks)
                for m in modules)
+
+
+def native_inference(x: torch.Tensor, *modules: nn.Module) -> bool:
+    """Whether the native CPU kernels (`coatvit.native`) may stand in for `modules` on `x`: float32 CPU tokens with
+    nothing for autograd to record, outside graph capture, the modules called as built, the kernels on and built."""
+    if x.device.type != "cpu" or x.dtype != torch.float32 or capturing_graph() or not called_as_built(*modules):
+        return False
+    if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for m in modules for p in m.parameters())):
+        return False
+    return native.available()
+
+
+def native_weights(owner: nn.Module, convs: list[nn.Conv2d]) -> native.DepthwiseWeights | None:
+    """`native.depthwise_weights(convs)`, kept on `owner` until a parameter changes (in place, or replaced)."""
+    params = [p for conv in convs for p in conv.parameters()]
+    if any(p.is_inference() for p in params):  # no version counter to tell a change by: rebuilt per call
+        return native.depthwise_weights(convs)
+    key = tuple((p.data_ptr(), p._version) for p in params)
+    cached = owner.__dict__.get("_native_weights")  # a plain attribute: not a buffer, not in the state dict
+    if cached is None or cached[0] != key:
+        cached = owner.__dict__["_native_weights"] = (key, native.depthwise_weights(convs))
+    return cached[1]
 
 
 class LayerNorm(nn.LayerNorm):
@@ -160,14 +182,18 @@ class ConvPosEnc(nn.Module):
         H, W = size
         cls_token, img = x[:, :1], x[:, 1:]  # (B, 1, C), (B, H*W, C)
         if use_fast(self, x):
-            pos = as_tokens(self.proj(as_channels_last(img, size)))  # (B, H*W, C)
             if not torch.is_grad_enabled() and not torch.compiler.is_compiling():
                 # eager inference: the sum goes straight into the output, no concatenation (Dynamo cannot trace
                 # a strided out=; compiled, inductor fuses the concatenation itself)
                 out = torch.empty_like(x, memory_format=torch.contiguous_format)
                 out[:, :1] = cls_token
-                torch.add(img, pos, out=out[:, 1:])
+                weights = native_weights(self, [self.proj]) if native_inference(x, self.proj) else None
+                if weights is not None:  # convolution and sum in one pass over the token layout
+                    native.dwconv_tokens(img, weights, size, add=img, dst=out[:, 1:])
+                else:
+                    torch.add(img, as_tokens(self.proj(as_channels_last(img, size))), out=out[:, 1:])
                 return out
+            pos = as_tokens(self.proj(as_channels_last(img, size)))  # (B, H*W, C)
             return torch.cat((cls_token, img + pos), dim=1)  # (B, N, C)
         feat = img.transpose(1, 2).reshape(B, C, H, W)  # (B, C, H, W)
         img = (self.proj(feat) + feat).flatten(2).transpose(1, 2)  # (B, H*W, C)
@@ -215,6 +241,10 @@ class ConvRelPosEnc(nn.Module):
         (the same channel order as the reference's (B, h*Ch, H, W)). `out` must be a tensor the caller owns (the
         attention's own fresh product): the sum is written into it, one fused multiply-add without temporaries.
         """
+        weights = native_weights(self, list(self.conv_list)) if native_inference(out, *self.conv_list) else None
+        if weights is not None:  # v read in place from the projection, the product summed in the same pass
+            native.dwconv_tokens(v[:, 1:], weights, size, add=out[:, 1:], dst=out[:, 1:], mul=q[:, 1:])
+            return out
         out[:, 1:].addcmul_(q[:, 1:], self.conv_tokens(v, size))  # (B, H*W, C); the class-token row gets nothing
         return out
 

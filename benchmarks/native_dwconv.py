@@ -1,0 +1,79 @@
+"""CPE and CRPE of each stage, inference: the native kernel (`coatvit.native`) against the eager ops the fast path
+runs without it (oneDNN's convolution, then the sum), per stage of 224-px inputs, interleaved, median of repeats.
+
+    python benchmarks/native_dwconv.py --models coat_lite_tiny coat_tiny --batch-sizes 1 6 --repeats 7
+
+CPE: x + DWConv3x3(x) written after the class token. CRPE: out[:, 1:] += Q * DWConv(V), q and v read from a
+(B, N, 3C) projection output; its time excludes the copy that gives each call a fresh `out`. The model's blocks run
+a few images at a time at large batches (`coatvit.model.images_per_chunk`: 6 images in stage 1 of coat_lite_tiny at
+224 px), hence batch 6 beside batch 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+import coatvit
+from coatvit import native
+
+
+def time_ms(fn, steps: int) -> float:
+    start = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    return (time.perf_counter() - start) / steps * 1e3
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", default=["coat_lite_tiny", "coat_tiny"])
+    parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 6])
+    parser.add_argument("--img-size", type=int, default=224)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if not native.available():
+        raise SystemExit(f"the native kernels are unavailable here: {native.failure()}")
+    print(f"torch {torch.__version__}, {args.threads} threads, {args.img_size} px, median of {args.repeats}")
+    print("| model | batch | stage (C, grid) | CPE native / eager ms | speedup | CRPE native / eager ms | speedup |")
+    print("|---|---|---|---|---|---|---|")
+    for name in args.models:
+        model = coatvit.create_model(name).eval()
+        cfg = model.config
+        for batch in args.batch_sizes:
+            for i in range(4):
+                side = args.img_size // (cfg.patch_size * 2 ** i)
+                C, N, size = cfg.embed_dims[i], side * side + 1, (side, side)
+                cpe, crpe = getattr(model, f"cpe{i + 1}"), getattr(model, f"crpe{i + 1}")
+                x = torch.randn(batch, N, C)
+                qkv = torch.randn(batch, N, 3 * C)
+                q, _, v = qkv.unflatten(-1, (3, C)).unbind(2)
+                out = torch.randn(batch, N, C)
+                fresh = out.clone()
+                steps = max(3, 60 // batch)
+                samples = {on: {key: [] for key in ("cpe", "crpe", "copy")} for on in (True, False)}
+                with torch.no_grad():
+                    for r in range(args.repeats):
+                        for on in ((True, False) if r % 2 == 0 else (False, True)):
+                            native.set_enabled(on)
+                            cpe(x, size), crpe.add_to(fresh.copy_(out), q, v, size)  # warm-up
+                            samples[on]["cpe"].append(time_ms(lambda: cpe(x, size), steps))
+                            samples[on]["crpe"].append(time_ms(lambda: crpe.add_to(fresh.copy_(out), q, v, size),
+                                                               steps))
+                            samples[on]["copy"].append(time_ms(lambda: fresh.copy_(out), steps))
+                native.set_enabled(None)
+                med = {on: {k: statistics.median(v) for k, v in s.items()} for on, s in samples.items()}
+                cpe_n, cpe_e = med[True]["cpe"], med[False]["cpe"]
+                crpe_n = med[True]["crpe"] - med[True]["copy"]
+                crpe_e = med[False]["crpe"] - med[False]["copy"]
+                print(f"| {name} | {batch} | {i + 1} ({C}, {side}x{side}) | {cpe_n:.3f} / {cpe_e:.3f} | "
+                      f"{cpe_e / cpe_n:.2f}x | {crpe_n:.3f} / {crpe_e:.3f} | {crpe_e / crpe_n:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,196 @@
+"""Native CPU kernels: C compiled at first use with the system's C compiler, called through ctypes.
+
+CoaT's two depthwise convolutions are a few percent of its MACs but, on a CPU, cost far more than that: oneDNN
+spends about 60 us per call on a small map, the CRPE's v is copied out of the qkv projection into a layout the
+convolution takes, the three CRPE windows run as one zero-padded 7x7 kernel, and the sums that follow (CPE's
+residual, CRPE's Q * DWConv(V) added to the attention) are separate passes. `dwconv_tokens`
+(csrc/dwconv_tokens.c) reads the (B, N, C) token layout directly, skips the padded zeros per block of 8 channels
+and writes the sum in the same pass: CPE and CRPE modules 1.3-3x faster at batch 1 and 6 (coat_lite_tiny,
+coat_tiny), whole models 1.0-1.05x, coat_tiny's batch-1 latency 1.12x (benchmarks/native_dwconv.py, BENCHMARKS.md).
+
+When they run: CPU float32 inference (nothing for autograd to record), outside torch.compile, torch.export and
+tracing (those see the eager ops), when `COATVIT_NATIVE` is not 0/false/no/off (`set_enabled` overrides it) and
+the library could be built (Linux, with GCC or Clang). The first use compiles it (about 0.2 s) into
+`$COATVIT_CACHE/native` (default `~/.cache/coatvit/native`), named by a hash of the source, compiler and flags, so
+later processes load it directly. With no C compiler (`$CC`, else cc, gcc or clang on the PATH) the eager ops
+run, silently; a compiler that fails warns once and the eager ops run for the rest of the process.
+
+A file at the expected path that does not load (a damaged cache) is rebuilt.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+
+ENV = "COATVIT_NATIVE"
+SOURCE = Path(__file__).parent / "csrc" / "dwconv_tokens.c"
+
+_enabled: bool | None = None  # None: follow the environment variable
+_failure: str | None = None  # why the library is not available, once known
+
+
+def set_enabled(enable: bool | None) -> None:
+    """Native kernels where they apply (True) or never (False); None goes back to `COATVIT_NATIVE` (default on)."""
+    global _enabled
+    _enabled = enable
+
+
+def enabled() -> bool:
+    if _enabled is not None:
+        return _enabled
+    return os.environ.get(ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def failure() -> str | None:
+    """Why the library could not be built or loaded (None: it was, or it was not tried yet)."""
+    return _failure
+
+
+def compiler() -> str | None:
+    """The C compiler to build with: $CC, else the first of cc, gcc, clang on the PATH."""
+    if os.environ.get("CC"):
+        return shutil.which(os.environ["CC"])
+    return next((path for name in ("cc", "gcc", "clang") if (path := shutil.which(name))), None)
+
+
+def compile_flags() -> list[str]:
+    """Optimization, OpenMP and the vector instructions this CPU has (PyTorch's own dispatch level: AVX2/FMA
+    on x86-64 machines that PyTorch runs its AVX2 kernels on; the compiler's defaults elsewhere)."""
+    flags = ["-O3", "-shared", "-fPIC", "-fopenmp", "-std=c99"]
+    if platform.machine().lower() in ("x86_64", "amd64") and torch.backends.cpu.get_cpu_capability() in ("AVX2",
+                                                                                                         "AVX512"):
+        flags += ["-mavx2", "-mfma"]
+    return flags
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("COATVIT_CACHE") or Path.home() / ".cache" / "coatvit") / "native"
+
+
+def build(cc: str, flags: list[str], directory: Path) -> Path:
+    """The shared library compiled from SOURCE into `directory`, reusing one built before with the same source,
+    compiler and flags. Written under a temporary name and renamed, so concurrent processes never load a
+    half-written file."""
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout.split("\n")[0]
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), cc, version, *flags]).encode()).hexdigest()[:16]
+    target = directory / f"{SOURCE.stem}-{key}.so"
+    if target.exists():
+        return target
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{target.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        result = subprocess.run([cc, *flags, "-o", tmp, str(SOURCE)], capture_output=True, text=True, timeout=300)
+        if result.returncode != 0:
+            raise RuntimeError(f"{Path(cc).name} exited with {result.returncode}: "
+                               f"{(result.stderr or result.stdout).strip()[:500]}")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return target
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The loaded library, or None where it cannot be built (see `failure`). Built once per process."""
+    global _failure
+    if not sys.platform.startswith("linux"):
+        _failure = f"built and tested on Linux only, this is {sys.platform}"
+        return None
+    cc = compiler()
+    if cc is None:
+        _failure = "no C compiler found ($CC, cc, gcc, clang)"
+        return None
+    try:
+        path = build(cc, compile_flags(), cache_dir())
+        try:
+            lib = ctypes.CDLL(str(path))
+        except OSError:  # a damaged file where the library should be: build it again
+            path.unlink(missing_ok=True)
+            lib = ctypes.CDLL(str(build(cc, compile_flags(), cache_dir())))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as error:
+        _failure = f"{type(error).__name__}: {str(error).strip()}"
+        warnings.warn(f"coatvit: the native CPU kernels could not be built ({_failure[:300]}); the eager ops run "
+                      f"instead. Set {ENV}=0 to skip building them.", RuntimeWarning, stacklevel=3)
+        return None
+    fn = lib.dwconv_tokens
+    i, n, ptr = ctypes.c_int, ctypes.c_long, ctypes.c_void_p
+    fn.argtypes = [ptr, n, n, ptr, ptr, ptr, i, i, i, i, i, ptr, n, n, ptr, n, n, ptr, n, n, i]
+    fn.restype = None
+    return lib
+
+
+def available() -> bool:
+    """Whether the native kernels are on and built (building them on the first call)."""
+    return enabled() and library() is not None
+
+
+class DepthwiseWeights(NamedTuple):
+    """Depthwise kernels in the layout `dwconv_tokens` reads: weight (K, K, C), bias (C,), per block of 8 channels
+    the window its channels use (int32), and K, the largest window."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor
+    block_windows: torch.Tensor
+    window: int
+
+
+def depthwise_weights(convs: list[torch.nn.Conv2d]) -> DepthwiseWeights | None:
+    """The depthwise convolutions `convs`, side by side over the channels (CRPE's windows, or CPE's one conv), in
+    `dwconv_tokens`' layout; None unless each is a float32 CPU 'same' depthwise conv of an odd square window
+    (stride 1, no dilation, zero padding of half the window), the only kind the kernel computes."""
+    windows = []
+    for conv in convs:
+        k = conv.kernel_size[0]
+        if (conv.kernel_size != (k, k) or k % 2 == 0 or conv.stride != (1, 1) or conv.dilation != (1, 1)
+                or conv.padding != (k // 2, k // 2) or conv.padding_mode != "zeros"
+                or conv.groups != conv.in_channels or conv.out_channels != conv.in_channels
+                or conv.weight.dtype != torch.float32 or conv.weight.device.type != "cpu"):
+            return None
+        windows += [k] * conv.out_channels
+    window = max(windows)
+    parts = [torch.nn.functional.pad(conv.weight.detach(), [(window - conv.kernel_size[0]) // 2] * 4)
+             for conv in convs]  # (c, 1, K, K) each, zero-padded to the largest window
+    weight = torch.cat(parts)[:, 0].permute(1, 2, 0).contiguous()  # (K, K, C)
+    bias = torch.cat([conv.bias.detach() if conv.bias is not None else conv.weight.new_zeros(conv.out_channels)
+                      for conv in convs])
+    blocks = [max(windows[c:c + 8]) for c in range(0, len(windows) - len(windows) % 8, 8)]
+    return DepthwiseWeights(weight, bias.contiguous(), torch.tensor(blocks, dtype=torch.int32), window)
+
+
+def dwconv_tokens(src: torch.Tensor, weights: DepthwiseWeights, size: tuple[int, int], add: torch.Tensor,
+                  dst: torch.Tensor, mul: torch.Tensor | None = None) -> None:
+    """dst = add + mul * DWConv(src) (mul None: 1) over image tokens (B, H*W, C), each a float32 CPU tensor whose
+    channels are contiguous (token and batch strides may be anything, views of a wider projection included).
+    `dst` may be `add` itself (an in-place sum) but must not overlap `src` or `mul`."""
+    B, N, C = src.shape
+    H, W = size
+    if N != H * W or weights.weight.shape[-1] != C:
+        raise ValueError(f"dwconv_tokens: expected (B, {H * W}, {weights.weight.shape[-1]}) tokens for a {H}x{W} "
+                         f"grid, got {tuple(src.shape)}")
+    tensors = [src, add, dst] + ([] if mul is None else [mul])
+    if any(t.shape != src.shape or t.dtype != torch.float32 or t.device.type != "cpu" or t.stride(-1) != 1
+           for t in tensors):
+        raise ValueError("dwconv_tokens: src, add, dst and mul must be float32 CPU tensors of one shape with "
+                         "contiguous channels")
+    if B == 0 or N == 0:
+        return
+    m = (None, 0, 0) if mul is None else (mul.data_ptr(), mul.stride(0), mul.stride(1))
+    library().dwconv_tokens(src.data_ptr(), src.stride(0), src.stride(1), weights.weight.data_ptr(),
+                            weights.bias.data_ptr(), weights.block_windows.data_ptr(), weights.window, C, B, H, W,
+                            *m, add.data_ptr(), add.stride(0), add.stride(1), dst.data_ptr(), dst.stride(0),
+                            dst.stride(1), torch.get_num_threads())

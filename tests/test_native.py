@@ -1,0 +1,228 @@
+"""The native CPU kernels (coatvit.native): the depthwise convolution over token layouts against PyTorch's conv, the
+model's use of it, and the build: cache, damaged files, no compiler, a failing compiler, the switch."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+
+import coatvit
+from coatvit import native
+
+needs_native = pytest.mark.skipif(not native.available(), reason=f"native kernels unavailable: {native.failure()}")
+
+
+@pytest.fixture
+def fresh_build(monkeypatch, tmp_path):
+    """A library cache of this test's own and a fresh build decision, restored afterwards."""
+    monkeypatch.setenv("COATVIT_CACHE", str(tmp_path))
+    native.library.cache_clear()
+    yield tmp_path
+    native.library.cache_clear()
+
+
+def reference(convs, src_img, size, add, mul):
+    """add + mul * DWConv(src) with PyTorch's convolutions, each conv over its run of channels."""
+    B, N, C = src_img.shape
+    feat = src_img.transpose(1, 2).reshape(B, C, *size)
+    parts = torch.split(feat, [c.in_channels for c in convs], dim=1)
+    conv = torch.cat([c(p) for c, p in zip(convs, parts)], dim=1).flatten(2).transpose(1, 2)  # (B, N, C)
+    return add + (conv if mul is None else mul * conv)
+
+
+@needs_native
+@pytest.mark.parametrize("windows", [[(3, 24)], [(3, 16), (5, 24), (7, 24)], [(3, 38), (5, 57), (7, 57)],
+                                     [(7, 20)], [(5, 3)]])
+@pytest.mark.parametrize("size", [(7, 9), (1, 1), (3, 5), (14, 13), (2, 17)])
+@pytest.mark.parametrize("with_mul", [False, True])
+def test_dwconv_tokens_equals_pytorch_convs(windows, size, with_mul):
+    """Windows per channel run (CRPE's 3/5/7 over runs that do not align with blocks of 8, one window, channels past
+    the last whole block), grids narrower than the four-pixel path, strided views of a wider projection."""
+    torch.manual_seed(0)
+    convs = [nn.Conv2d(c, c, k, padding=k // 2, groups=c) for k, c in windows]
+    C = sum(c for _, c in windows)
+    B, N = 3, size[0] * size[1]
+    qkv = torch.randn(B, N, 3 * C)
+    q, v = qkv[..., :C], qkv[..., 2 * C:]  # views with a token stride of 3C
+    add = torch.randn(B, N, C)
+    mul = q if with_mul else None
+    with torch.no_grad():
+        expected = reference(convs, v, size, add, mul)
+        weights = native.depthwise_weights(convs)
+        out = torch.empty(B, N, C)
+        native.dwconv_tokens(v, weights, size, add=add, dst=out, mul=mul)
+        torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+        native.dwconv_tokens(v, weights, size, add=add, dst=add, mul=mul)  # in place: dst is add
+        torch.testing.assert_close(add, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_depthwise_weights_only_for_convs_the_kernel_computes():
+    assert native.depthwise_weights([nn.Conv2d(8, 8, 3, padding=1, groups=8)]) is not None
+    assert native.depthwise_weights([nn.Conv2d(8, 8, 3, padding=1, groups=8, padding_mode="reflect")]) is None
+    assert native.depthwise_weights([nn.Conv2d(8, 8, 3, padding=2, dilation=2, groups=8)]) is None
+    assert native.depthwise_weights([nn.Conv2d(8, 8, 4, padding=2, groups=8)]) is None
+    assert native.depthwise_weights([nn.Conv2d(8, 8, 3, padding=1, groups=4)]) is None
+    assert native.depthwise_weights([nn.Conv2d(8, 8, 3, padding=1, groups=8).double()]) is None
+    no_bias = native.depthwise_weights([nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False)])
+    assert torch.equal(no_bias.bias, torch.zeros(8))
+
+
+@needs_native
+def test_dwconv_tokens_rejects_what_it_cannot_read():
+    weights = native.depthwise_weights([nn.Conv2d(8, 8, 3, padding=1, groups=8)])
+    x = torch.randn(2, 12, 8)
+    with pytest.raises(ValueError, match="expected"):
+        native.dwconv_tokens(x, weights, (3, 5), add=x, dst=torch.empty_like(x))
+    with pytest.raises(ValueError, match="contiguous channels"):
+        native.dwconv_tokens(x, weights, (3, 4), add=x, dst=torch.empty(8, 12, 2).permute(2, 1, 0))
+
+
+def count_calls(monkeypatch) -> list:
+    calls = []
+    real = native.dwconv_tokens
+
+    def counted(*args, **kwargs):
+        calls.append(args[0].shape)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(native, "dwconv_tokens", counted)
+    return calls
+
+
+@needs_native
+@pytest.mark.parametrize("name", ["coat_lite_tiny", "coat_tiny"])
+def test_model_runs_the_native_kernels_with_the_reference_logits(monkeypatch, name):
+    torch.manual_seed(0)
+    model = coatvit.create_model(name).eval()
+    x = torch.randn(2, 3, 96, 80)
+    calls = count_calls(monkeypatch)
+    with torch.no_grad():
+        out = model(x)
+        assert calls, "the native kernels did not run"
+        model.set_fast_path(False)
+        expected = model(x)
+    torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
+    # every CPE and CRPE of every block, but the CRPE of the last one (class-token shortcut)
+    assert len(calls) == {"coat_lite_tiny": 8 + 7, "coat_tiny": 8 + 8 + 6 * 3 + 5 * 3}[name]
+
+
+@needs_native
+def test_native_kernels_follow_their_switch_and_stay_out_of_autograd(monkeypatch):
+    torch.manual_seed(0)
+    model = coatvit.create_model("coat_lite_tiny").eval()
+    x = torch.randn(1, 3, 64, 64)
+    calls = count_calls(monkeypatch)
+    monkeypatch.setenv(native.ENV, "0")
+    with torch.no_grad():
+        off = model(x)
+    assert not calls
+    monkeypatch.setenv(native.ENV, "1")
+    out = model(x)  # autograd records: the convolutions run as themselves, their weights get gradients
+    assert not calls
+    out.sum().backward()
+    assert model.crpe1.conv_list[0].weight.grad is not None and model.cpe1.proj.weight.grad is not None
+    with torch.no_grad():
+        on = model(x)
+    assert calls
+    torch.testing.assert_close(on, off, atol=1e-5, rtol=1e-5)
+
+
+@needs_native
+def test_cached_kernel_weights_follow_weight_changes():
+    """The (K, K, C) weights are kept between calls; loading new weights, an in-place edit or a replaced parameter
+    must not leave the old ones in use."""
+    torch.manual_seed(0)
+    model = coatvit.create_model("coat_lite_tiny").eval()
+    x = torch.randn(1, 3, 64, 64)
+    other = coatvit.create_model("coat_lite_tiny").eval()
+    with torch.no_grad():
+        for p in other.parameters():
+            p.normal_(0, 0.05)
+
+    def check():
+        with torch.no_grad():
+            out = model(x)
+            model.set_fast_path(False)
+            expected = model(x)
+            model.set_fast_path(True)
+        torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
+        return out
+
+    first = check()
+    model.load_state_dict(other.state_dict())
+    assert not torch.allclose(check(), first)
+    with torch.no_grad():
+        model.crpe1.conv_list[2].weight.mul_(3.0)
+        model.cpe2.proj.bias.add_(1.0)
+    check()
+    model.crpe2.conv_list[0].weight = nn.Parameter(torch.randn_like(model.crpe2.conv_list[0].weight))
+    check()
+
+
+def test_the_library_is_built_once_and_reused(fresh_build):
+    if native.compiler() is None:
+        pytest.skip("no C compiler on this machine")
+    assert native.library() is not None
+    built = list((fresh_build / "native").glob("*.so"))
+    assert len(built) == 1
+    mtime = built[0].stat().st_mtime_ns
+    native.library.cache_clear()
+    assert native.library() is not None  # a second process: loaded from the cache, not compiled again
+    assert built[0].stat().st_mtime_ns == mtime
+    assert not list((fresh_build / "native").glob("*.tmp"))
+
+
+def test_a_damaged_library_file_is_rebuilt(fresh_build):
+    if native.compiler() is None:
+        pytest.skip("no C compiler on this machine")
+    path = native.build(native.compiler(), native.compile_flags(), native.cache_dir())
+    path.write_bytes(b"not a shared library")
+    assert native.library() is not None
+    assert path.read_bytes()[:4] == b"\x7fELF"
+
+
+def test_no_compiler_means_the_eager_ops_silently(fresh_build, monkeypatch):
+    monkeypatch.setenv("CC", "no-such-compiler-coatvit")
+    torch.manual_seed(0)
+    model = coatvit.create_model("coat_test").eval()
+    x = torch.randn(2, 3, 64, 64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with torch.no_grad():
+            out = model(x)
+    assert not native.available() and "no C compiler" in native.failure()
+    model.set_fast_path(False)
+    with torch.no_grad():
+        torch.testing.assert_close(out, model(x), atol=1e-5, rtol=1e-5)
+
+
+def test_a_failing_compiler_warns_once_and_the_eager_ops_run(fresh_build, monkeypatch, tmp_path):
+    script = tmp_path / "broken-cc"
+    script.write_text("#!/bin/sh\n[ \"$1\" = --version ] && { echo broken 1.0; exit 0; }\necho 'error: no' >&2\n"
+                      "exit 1\n")
+    script.chmod(0o755)
+    monkeypatch.setenv("CC", str(script))
+    model = coatvit.create_model("coat_test").eval()
+    x = torch.randn(1, 3, 64, 64)
+    with pytest.warns(RuntimeWarning, match="native CPU kernels could not be built.*error: no"):
+        with torch.no_grad():
+            model(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with torch.no_grad():
+            model(x)  # the decision holds for the process: no second warning, no second build
+    assert not list((fresh_build / "native").glob("*"))  # nothing half-written left behind
+
+
+def test_native_kernels_never_run_inside_a_traced_graph(monkeypatch):
+    torch.manual_seed(0)
+    model = coatvit.create_model("coat_test").eval()
+    calls = count_calls(monkeypatch)
+    with torch.no_grad():
+        traced = torch.jit.trace(model, torch.randn(1, 3, 64, 64), check_trace=False)
+        assert not calls
+        x = torch.randn(2, 3, 64, 64)
+        torch.testing.assert_close(traced(x), model(x), atol=1e-5, rtol=1e-5)
