@@ -226,3 +226,18 @@ def test_native_kernels_never_run_inside_a_traced_graph(monkeypatch):
         assert not calls
         x = torch.randn(2, 3, 64, 64)
         torch.testing.assert_close(traced(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+@needs_native
+def test_a_build_without_avx2_computes_the_same(fresh_build, monkeypatch):
+    """CPUs without AVX2 get the compiler's baseline vectors (SSE on x86-64): the same kernel, the same results."""
+    flags = [f for f in native.compile_flags() if f not in ("-mavx2", "-mfma")]
+    monkeypatch.setattr(native, "compile_flags", lambda: flags)
+    torch.manual_seed(0)
+    convs = [nn.Conv2d(c, c, k, padding=k // 2, groups=c) for k, c in [(3, 16), (5, 24), (7, 21)]]
+    v, add = torch.randn(2, 77, 61), torch.randn(2, 77, 61)
+    with torch.no_grad():
+        expected = reference(convs, v, (7, 11), add, None)
+        native.dwconv_tokens(v, native.depthwise_weights(convs), (7, 11), add=add, dst=add)
+        torch.testing.assert_close(add, expected, atol=1e-5, rtol=1e-5)
+    assert len(list((fresh_build / "native").glob("*.so"))) == 1  # built for these flags, in this test's cache

@@ -1,12 +1,12 @@
 """Native CPU kernels: C compiled at first use with the system's C compiler, called through ctypes.
 
-CoaT's two depthwise convolutions are a few percent of its MACs but, on a CPU, cost far more than that: oneDNN
-spends about 60 us per call on a small map, the CRPE's v is copied out of the qkv projection into a layout the
-convolution takes, the three CRPE windows run as one zero-padded 7x7 kernel, and the sums that follow (CPE's
-residual, CRPE's Q * DWConv(V) added to the attention) are separate passes. `dwconv_tokens`
-(csrc/dwconv_tokens.c) reads the (B, N, C) token layout directly, skips the padded zeros per block of 8 channels
-and writes the sum in the same pass: CPE and CRPE modules 1.3-3x faster at batch 1 and 6 (coat_lite_tiny,
-coat_tiny), whole models 1.0-1.05x, coat_tiny's batch-1 latency 1.12x (benchmarks/native_dwconv.py, BENCHMARKS.md).
+CoaT's depthwise convolutions are a few percent of its MACs but, on a CPU, cost far more than that: oneDNN spends
+about 60 us per call on a small map, the CRPE's v is copied out of the qkv projection into a layout the convolution
+takes, the three CRPE windows run as one zero-padded 7x7 kernel, and the sums that follow (CPE's residual, CRPE's
+Q * DWConv(V) added to the attention) are separate passes. `dwconv_tokens` (csrc/cpu_kernels.c) reads the
+(B, N, C) token layout directly, skips the padded zeros per block of 8 channels and writes the sum in the same
+pass. Measured per module and per model in BENCHMARKS.md (benchmarks/native_kernels.py, `coatvit benchmark --vs
+ours-no-native`).
 
 When they run: CPU float32 inference (nothing for autograd to record), outside torch.compile, torch.export and
 tracing (those see the eager ops), when `COATVIT_NATIVE` is not 0/false/no/off (`set_enabled` overrides it) and
@@ -36,7 +36,7 @@ from typing import NamedTuple
 import torch
 
 ENV = "COATVIT_NATIVE"
-SOURCE = Path(__file__).parent / "csrc" / "dwconv_tokens.c"
+SOURCE = Path(__file__).parent / "csrc" / "cpu_kernels.c"
 
 _enabled: bool | None = None  # None: follow the environment variable
 _failure: str | None = None  # why the library is not available, once known
@@ -127,10 +127,9 @@ def library() -> ctypes.CDLL | None:
         warnings.warn(f"coatvit: the native CPU kernels could not be built ({_failure[:300]}); the eager ops run "
                       f"instead. Set {ENV}=0 to skip building them.", RuntimeWarning, stacklevel=3)
         return None
-    fn = lib.dwconv_tokens
     i, n, ptr = ctypes.c_int, ctypes.c_long, ctypes.c_void_p
-    fn.argtypes = [ptr, n, n, ptr, ptr, ptr, i, i, i, i, i, ptr, n, n, ptr, n, n, ptr, n, n, i]
-    fn.restype = None
+    lib.dwconv_tokens.argtypes = [ptr, n, n, ptr, ptr, ptr, i, i, i, i, i, ptr, n, n, ptr, n, n, ptr, n, n, i]
+    lib.dwconv_tokens.restype = None
     return lib
 
 
@@ -194,3 +193,4 @@ def dwconv_tokens(src: torch.Tensor, weights: DepthwiseWeights, size: tuple[int,
                             weights.bias.data_ptr(), weights.block_windows.data_ptr(), weights.window, C, B, H, W,
                             *m, add.data_ptr(), add.stride(0), add.stride(1), dst.data_ptr(), dst.stride(0),
                             dst.stride(1), torch.get_num_threads())
+

@@ -1,7 +1,7 @@
-"""CPE and CRPE of each stage, inference: the native kernel (`coatvit.native`) against the eager ops the fast path
-runs without it (oneDNN's convolution, then the sum), per stage of 224-px inputs, interleaved, median of repeats.
+"""The native CPU kernels (`coatvit.native`) against the eager ops the fast path runs without them, per stage of
+224-px inputs, inference, interleaved, median of repeats.
 
-    python benchmarks/native_dwconv.py --models coat_lite_tiny coat_tiny --batch-sizes 1 6 --repeats 7
+    python benchmarks/native_kernels.py --models coat_lite_tiny coat_tiny --batch-sizes 1 6 --repeats 7
 
 CPE: x + DWConv3x3(x) written after the class token. CRPE: out[:, 1:] += Q * DWConv(V), q and v read from a
 (B, N, 3C) projection output; its time excludes the copy that gives each call a fresh `out`. The model's blocks run

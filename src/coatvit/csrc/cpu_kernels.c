@@ -1,15 +1,6 @@
-/* Depthwise convolution over the image tokens of CoaT's (B, N, C) token layout, with the sum it feeds fused in
-   (coatvit/native.py compiles this file at first use and calls it through ctypes; CPU inference only).
-
-   dst[b, p, c] = add[b, p, c] + mul[b, p, c] * (bias[c] + sum over taps of w[ky, kx, c] * src[b, p', c])
-
-   over each image's H x W grid, zero-padded; mul NULL means 1. CPE is dst = x + DWConv3x3(x) (add = src); CRPE
-   adds Q * DWConv(V) to the attention's output in place (add = dst, mul = q, src = v, read straight from the qkv
-   projection's output). Channels are contiguous; token and batch strides count floats. The weights are (K, K, C)
-   with the largest window K; channels c..c+7 (block c/8) use the centred kb[c/8] x kb[c/8] taps, so a block of
-   3x3 channels skips the zeros a merged 7x7 kernel would multiply. Eight channels are one vector (GCC/Clang
-   vector extensions: AVX2 where compiled for it); four neighbouring pixels share each weight load and give four
-   independent chains of multiply-adds. */
+/* CPU kernels for CoaT inference; coatvit/native.py compiles this file at first use and calls it through ctypes.
+   Eight float32 lanes are one vector (GCC/Clang vector extensions: AVX2 where compiled for it); rows of work are
+   split among `threads` OpenMP threads (PyTorch's own OpenMP runtime, loaded before this library). */
 #include <stddef.h>
 #include <string.h>
 typedef float v8 __attribute__((vector_size(32)));
@@ -37,7 +28,16 @@ static inline void emit(float *d, const float *a, const float *m, int c, v8 acc)
     st(d + c, m ? ld(a + c) + ld(m + c) * acc : ld(a + c) + acc);
 }
 
-/* the whole batch; rows of the grid (b, y) split among `threads` OpenMP threads */
+/* Depthwise convolution over the image tokens of CoaT's (B, N, C) token layout, with the sum it feeds fused in:
+
+   dst[b, p, c] = add[b, p, c] + mul[b, p, c] * (bias[c] + sum over taps of w[ky, kx, c] * src[b, p', c])
+
+   over each image's H x W grid, zero-padded; mul NULL means 1. CPE is dst = x + DWConv3x3(x) (add = src); CRPE
+   adds Q * DWConv(V) to the attention's output in place (add = dst, mul = q, src = v, read straight from the qkv
+   projection's output). Channels are contiguous; token and batch strides count floats. The weights are (K, K, C)
+   with the largest window K; channels c..c+7 (block c/8) use the centred kb[c/8] x kb[c/8] taps, so a block of
+   3x3 channels skips the zeros a merged 7x7 kernel would multiply. Four neighbouring pixels share each weight
+   load and give four independent chains of multiply-adds. Rows of the grid (b, y) are split among the threads. */
 void dwconv_tokens(const float *src, long src_bs, long src_ts,
                    const float *w, const float *bias, const int *kb, int K, int C,
                    int B, int H, int W,
