@@ -48,8 +48,16 @@ Size = tuple[int, int]
 def use_fast(module: nn.Module, x: torch.Tensor) -> bool:
     """Whether `module` takes the fast path for input `x`. On the meta device (MAC counting, `coatvit.flops`)
     the reference path runs: nothing is computed there, and its operations are the paper's MAC count (the fast
-    path's masked block-diagonal products and zero-padded kernels would inflate it)."""
-    return module.fast_path and not x.is_meta
+    path's masked block-diagonal products and zero-padded kernels would inflate it). So it does under a torch.func
+    transform (`functorch_active`)."""
+    return module.fast_path and not x.is_meta and not functorch_active()
+
+
+def functorch_active() -> bool:
+    """Whether a torch.func transform (grad, vmap, jacrev, functional per-sample gradients, ...) is running: its
+    wrapped tensors take none of the fast path's layout queries, out= chunks, autograd Function or native kernels,
+    so the plain ops of the reference path run (same values)."""
+    return torch._C._functorch.maybe_current_level() is not None
 
 
 def kernel_inference(x: torch.Tensor, *modules: nn.Module) -> bool:
@@ -415,7 +423,7 @@ class Mlp(nn.Module):
         them or the MLP's parameters, outside autocast and graph capture (compiled, the layers run as themselves)."""
         if not self.train_chunks or x.device.type != "cpu" or x.dtype != torch.float32 or not self.layers_as_built():
             return False
-        if not torch.is_grad_enabled() or torch.is_autocast_enabled("cpu") or capturing_graph():
+        if not torch.is_grad_enabled() or torch.is_autocast_enabled("cpu") or capturing_graph() or functorch_active():
             return False
         return x.requires_grad or any(p.requires_grad for p in self.parameters())
 
@@ -541,7 +549,7 @@ def in_chunks_ok(x: torch.Tensor, block: nn.Module) -> bool:
     1 or 2 threads. On a CPU oversubscribed by other jobs every parallel region waits for a descheduled thread, and
     the many small chunks then cost more than they save: run such jobs with `torch.set_num_threads(1)`.
     """
-    if x.device.type != "cpu":
+    if x.device.type != "cpu" or functorch_active():
         return False
     if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in block.parameters())):
         return False
