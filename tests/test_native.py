@@ -131,6 +131,24 @@ def test_native_kernels_follow_their_switch_and_stay_out_of_autograd(monkeypatch
 
 
 @needs_native
+def test_autocast_keeps_its_own_convolutions(monkeypatch):
+    """Under CPU autocast the convolutions run in bf16 as autocast makes them: the native fp32 kernel stays out."""
+    torch.manual_seed(0)
+    model = coatvit.create_model("coat_lite_tiny").eval()
+    x = torch.randn(1, 3, 64, 64)
+    calls = count_calls(monkeypatch)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x)
+    assert not calls
+    native.set_enabled(False)
+    try:
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            assert torch.equal(model(x), out)
+    finally:
+        native.set_enabled(None)
+
+
+@needs_native
 def test_cached_kernel_weights_follow_weight_changes():
     """The (K, K, C) weights are kept between calls; loading new weights, an in-place edit or a replaced parameter
     must not leave the old ones in use."""

@@ -81,8 +81,11 @@ def called_as_built(*modules: nn.Module) -> bool:
 
 def native_inference(x: torch.Tensor, *modules: nn.Module) -> bool:
     """Whether the native CPU kernels (`coatvit.native`) may stand in for `modules` on `x`: float32 CPU tokens with
-    nothing for autograd to record, outside graph capture, the modules called as built, the kernels on and built."""
+    nothing for autograd to record, outside graph capture and autocast (whose bf16 convolutions they would not
+    round like), the modules called as built, the kernels on and built."""
     if x.device.type != "cpu" or x.dtype != torch.float32 or capturing_graph() or not called_as_built(*modules):
+        return False
+    if torch.is_autocast_enabled("cpu"):
         return False
     if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for m in modules for p in m.parameters())):
         return False
