@@ -22,7 +22,9 @@ classifier that pools the class token computes only the class-token rows of its 
 (`CoaT.class_token_shortcut`: the image tokens there only feed k and v). Its float summation order differs, so its
 outputs match the reference to about 1e-6, not bit for bit (tests/test_fast_path.py). Where a layer has been
 replaced (dynamic int8 quantization, a LoRA wrapper) or carries hooks, the fast path calls it instead of reading its
-weights (`called_as_built`). On the meta device (MAC counting) the reference path runs. Measured, on a CPU the
+weights (`called_as_built`). In CPU fp32 inference the CPE and CRPE convolutions and the sums around them run as
+one native kernel each (`coatvit.native`, built with the system's C compiler at first use). On the meta device
+(MAC counting) and under torch.func transforms the reference path runs. Measured, on a CPU the
 fast path's lead over timm's port comes mostly from writing less freshly mapped memory (BENCHMARKS.md, "Where the
 CPU lead comes from"). On a GPU the attention (forward and backward), the LayerNorms (inference) and, under
 autocast, a block's whole MLP sub-layer (inference, `Mlp.residual`) can run as Triton kernels instead
@@ -92,8 +94,11 @@ def native_inference(x: torch.Tensor, *modules: nn.Module) -> bool:
     return native.available()
 
 
-def native_weights(owner: nn.Module, convs: list[nn.Conv2d]) -> native.DepthwiseWeights | None:
-    """`native.depthwise_weights(convs)`, kept on `owner` until a parameter changes (in place, or replaced)."""
+def native_conv_weights(owner: nn.Module, convs: list[nn.Conv2d], x: torch.Tensor) -> native.DepthwiseWeights | None:
+    """`native.depthwise_weights(convs)` where the native kernel may run on `x` (`native_inference`), else None;
+    kept on `owner` until a parameter changes (in place, or replaced)."""
+    if not native_inference(x, *convs):
+        return None
     params = [p for conv in convs for p in conv.parameters()]
     if any(p.is_inference() for p in params):  # no version counter to tell a change by: rebuilt per call
         return native.depthwise_weights(convs)
@@ -198,7 +203,7 @@ class ConvPosEnc(nn.Module):
                 # a strided out=; compiled, inductor fuses the concatenation itself)
                 out = torch.empty_like(x, memory_format=torch.contiguous_format)
                 out[:, :1] = cls_token
-                weights = native_weights(self, [self.proj]) if native_inference(x, self.proj) else None
+                weights = native_conv_weights(self, [self.proj], x)
                 if weights is not None:  # convolution and sum in one pass over the token layout
                     native.dwconv_tokens(img, weights, size, add=img, dst=out[:, 1:])
                 else:
@@ -252,7 +257,7 @@ class ConvRelPosEnc(nn.Module):
         (the same channel order as the reference's (B, h*Ch, H, W)). `out` must be a tensor the caller owns (the
         attention's own fresh product): the sum is written into it, one fused multiply-add without temporaries.
         """
-        weights = native_weights(self, list(self.conv_list)) if native_inference(out, *self.conv_list) else None
+        weights = native_conv_weights(self, list(self.conv_list), out)
         if weights is not None:  # v read in place from the projection, the product summed in the same pass
             native.dwconv_tokens(v[:, 1:], weights, size, add=out[:, 1:], dst=out[:, 1:], mul=q[:, 1:])
             return out
