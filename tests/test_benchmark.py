@@ -106,6 +106,18 @@ def test_ours_no_native_contender_runs_without_the_native_kernels(monkeypatch):
     assert seen == [True, False, True]
 
 
+def test_the_log_says_whether_the_native_kernels_run(monkeypatch):
+    from coatvit import native
+
+    for env, expected in (("1", "native kernels on" if native.available() else "native kernels off ("),
+                          ("0", "native kernels off (COATVIT_NATIVE=0)")):
+        monkeypatch.setenv(native.ENV, env)
+        lines = []
+        benchmark.run_benchmark(benchmark.BenchmarkConfig(**{**TINY, "repeats": 1}, vs=(), modes=("latency",)),
+                                log=lines.append)
+        assert expected in lines[0]
+
+
 def test_time_interleaved_alternates_order():
     order = []
     cfg = benchmark.BenchmarkConfig(**{**TINY, "repeats": 4})

@@ -46,8 +46,8 @@ CSV_COLUMNS = (
     "infer_gmacs", "param_count", "infer_speedup", "infer_spread", "latency_step_time", "latency_speedup",
     "latency_spread", "train_samples_per_sec", "train_step_time", "train_batch_size", "train_img_size",
     "train_speedup", "train_spread", "infer_peak_mem_mb", "train_peak_mem_mb", "mac_fraction_of_matmul_peak",
-    "matmul_peak_gflops", "device", "threads", "amp", "channels_last", "compile", "compile_mode", "freeze", "repeats", "load_before",
-    "load_after", "torch", "timm", "cpu", "allocator", "infer_page_faults", "latency_page_faults",
+    "matmul_peak_gflops", "device", "threads", "amp", "channels_last", "compile", "compile_mode", "freeze", "repeats",
+    "load_before", "load_after", "torch", "timm", "cpu", "allocator", "infer_page_faults", "latency_page_faults",
     "train_page_faults",
 )
 
@@ -417,7 +417,7 @@ def run_benchmark(cfg: BenchmarkConfig, *, log: Callable[[str], None] = lambda s
     peak = matmul_peak_flops(cfg.device, n=n, dtype=peak_dtype)
     dtype_name = str(peak_dtype).removeprefix("torch.")
     log(f"matmul peak {peak / 1e9:.1f} GFLOP/s ({cfg.device}, {dtype_name}, {n}^3), threads "
-        f"{torch.get_num_threads()}, load {_load(load_before)}, allocator {_allocator()}")
+        f"{torch.get_num_threads()}, load {_load(load_before)}, allocator {_allocator()}{_native_kernels(cfg.device)}")
     with torch.device("meta"):
         counting = create_model(cfg.model)
     counting.set_fast_path(False)  # the paper's MAC count, not the fast path's masked extra products
@@ -490,6 +490,17 @@ def _environment(cfg: BenchmarkConfig, peak: float, load_before, load_after) -> 
 
 def _allocator() -> str:
     return "tuned" if allocator_tuned() else "default"
+
+
+def _native_kernels(device: str) -> str:
+    """', native kernels on' or '... off (why)' on a CPU (whether 'ours' runs `coatvit.native`), else ''."""
+    if not device.startswith("cpu"):
+        return ""
+    from . import native
+
+    if native.available():
+        return ", native kernels on"
+    return f", native kernels off ({native.failure() or native.ENV + '=0'})"
 
 
 def _load(load: Sequence[float]) -> str:
