@@ -4,7 +4,10 @@
     python benchmarks/native_kernels.py --models coat_lite_tiny coat_tiny --batch-sizes 1 6 --repeats 7
 
 CPE: x + DWConv3x3(x) written after the class token. CRPE: out[:, 1:] += Q * DWConv(V), q and v read from a
-(B, N, 3C) projection output; its time excludes the copy that gives each call a fresh `out`. The model's blocks run
+(B, N, 3C) projection output; its time excludes the copy that gives each call a fresh `out`. Attention: a serial
+block's conv-attention module without CRPE (qkv projection, per-head products, output projection), the per-head
+products as one native kernel (`native.factor_attention`) against the eager softmax, head permutes and batched
+products; only where heads are 18+ channels wide (the others take the masked product). The model's blocks run
 a few images at a time at large batches (`coatvit.model.images_per_chunk`: 6 images in stage 1 of coat_lite_tiny at
 224 px), hence batch 6 beside batch 1.
 """
@@ -40,8 +43,9 @@ def main() -> None:
     if not native.available():
         raise SystemExit(f"the native kernels are unavailable here: {native.failure()}")
     print(f"torch {torch.__version__}, {args.threads} threads, {args.img_size} px, median of {args.repeats}")
-    print("| model | batch | stage (C, grid) | CPE native / eager ms | speedup | CRPE native / eager ms | speedup |")
-    print("|---|---|---|---|---|---|---|")
+    print("| model | batch | stage (C, grid) | CPE native / eager ms | speedup | CRPE native / eager ms | speedup "
+          "| attention native / eager ms | speedup |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for name in args.models:
         model = coatvit.create_model(name).eval()
         cfg = model.config
@@ -56,7 +60,9 @@ def main() -> None:
                 out = torch.randn(batch, N, C)
                 fresh = out.clone()
                 steps = max(3, 60 // batch)
-                samples = {on: {key: [] for key in ("cpe", "crpe", "copy")} for on in (True, False)}
+                attn = getattr(model, f"serial_blocks{i + 1}")[0].factoratt_crpe
+                per_head = C // attn.num_heads >= attn.per_head_min_channels
+                samples = {on: {key: [] for key in ("cpe", "crpe", "copy", "attn")} for on in (True, False)}
                 with torch.no_grad():
                     for r in range(args.repeats):
                         for on in ((True, False) if r % 2 == 0 else (False, True)):
@@ -66,13 +72,17 @@ def main() -> None:
                             samples[on]["crpe"].append(time_ms(lambda: crpe.add_to(fresh.copy_(out), q, v, size),
                                                                steps))
                             samples[on]["copy"].append(time_ms(lambda: fresh.copy_(out), steps))
+                            if per_head:
+                                samples[on]["attn"].append(time_ms(lambda: attn(x, size, None), steps))
                 native.set_enabled(None)
-                med = {on: {k: statistics.median(v) for k, v in s.items()} for on, s in samples.items()}
+                med = {on: {k: statistics.median(v) if v else 0.0 for k, v in s.items()} for on, s in samples.items()}
                 cpe_n, cpe_e = med[True]["cpe"], med[False]["cpe"]
                 crpe_n = med[True]["crpe"] - med[True]["copy"]
                 crpe_e = med[False]["crpe"] - med[False]["copy"]
                 print(f"| {name} | {batch} | {i + 1} ({C}, {side}x{side}) | {cpe_n:.3f} / {cpe_e:.3f} | "
-                      f"{cpe_e / cpe_n:.2f}x | {crpe_n:.3f} / {crpe_e:.3f} | {crpe_e / crpe_n:.2f}x |")
+                      f"{cpe_e / cpe_n:.2f}x | {crpe_n:.3f} / {crpe_e:.3f} | {crpe_e / crpe_n:.2f}x | " + (
+                          f"{med[True]['attn']:.3f} / {med[False]['attn']:.3f} | "
+                          f"{med[False]['attn'] / med[True]['attn']:.2f}x |" if per_head else "masked product | |"))
 
 
 if __name__ == "__main__":

@@ -80,6 +80,44 @@ def test_dwconv_tokens_rejects_what_it_cannot_read():
         native.dwconv_tokens(x, weights, (3, 4), add=x, dst=torch.empty(8, 12, 2).permute(2, 1, 0))
 
 
+def attention_reference(qkv: torch.Tensor, heads: int, scale: float) -> torch.Tensor:
+    """Per head Q (scale * softmax over tokens of K)^T V, with permuted heads as the eager fast path does it."""
+    B, N, C3 = qkv.shape
+    split = (B, N, heads, C3 // 3 // heads)
+    q, k, v = (t.reshape(split).transpose(1, 2) for t in qkv.unflatten(-1, (3, C3 // 3)).unbind(2))  # (B, h, N, Ch)
+    return (q @ (k.softmax(dim=2).transpose(-1, -2) @ v * scale)).transpose(1, 2).reshape(B, N, C3 // 3)
+
+
+@needs_native
+@pytest.mark.parametrize("batch", [1, 3])  # fewer images than threads: passes split; more: images split
+@pytest.mark.parametrize("tokens, channels, heads", [(785, 152, 8), (197, 256, 8), (50, 320, 8), (65, 512, 8),
+                                                     (3, 24, 1), (1, 16, 2), (130, 72, 4)])
+def test_factor_attention_equals_the_eager_products(batch, tokens, channels, heads):
+    """Heads of 19, 32, 40, 64, 24, 8 and 18 channels; token counts that leave partial tiles of 4 and of 64;
+    q, k, v as views of a wider projection output, as the model passes them."""
+    torch.manual_seed(0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        wide = torch.randn(batch, tokens, 3 * channels + 8) * 3
+        qkv = wide[..., :3 * channels]  # rows 3C + 8 floats apart
+        scale = (channels // heads) ** -0.5
+        out = native.factor_attention(qkv, heads, scale)
+        torch.testing.assert_close(out, attention_reference(qkv, heads, scale), atol=2e-5, rtol=1e-5)
+        assert out.shape == (batch, tokens, channels) and out.is_contiguous()
+    finally:
+        torch.set_num_threads(threads)
+
+
+@needs_native
+def test_factor_attention_says_what_it_takes():
+    assert native.factor_attention_ok(152, 8) and not native.factor_attention_ok(76, 4)  # 76: not a multiple of 8
+    assert not native.factor_attention_ok(1040, 8)  # 130-channel heads
+    with pytest.raises(ValueError, match="multiple of 8"):
+        native.factor_attention(torch.randn(1, 5, 3 * 76), 4, 0.2)
+    assert native.factor_attention(torch.randn(0, 5, 3 * 16), 2, 0.2).shape == (0, 5, 16)
+
+
 def count_calls(monkeypatch) -> list:
     calls = []
     real = native.dwconv_tokens
@@ -99,6 +137,15 @@ def test_model_runs_the_native_kernels_with_the_reference_logits(monkeypatch, na
     model = coatvit.create_model(name).eval()
     x = torch.randn(2, 3, 96, 80)
     calls = count_calls(monkeypatch)
+    attention_calls = 0
+    real_attention = native.factor_attention
+
+    def counted_attention(*args):
+        nonlocal attention_calls
+        attention_calls += 1
+        return real_attention(*args)
+
+    monkeypatch.setattr(native, "factor_attention", counted_attention)
     with torch.no_grad():
         out = model(x)
         assert calls, "the native kernels did not run"
@@ -107,6 +154,9 @@ def test_model_runs_the_native_kernels_with_the_reference_logits(monkeypatch, na
     torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
     # every CPE and CRPE of every block, but the CRPE of the last one (class-token shortcut)
     assert len(calls) == {"coat_lite_tiny": 8 + 7, "coat_tiny": 8 + 8 + 6 * 3 + 5 * 3}[name]
+    # per-head attention (heads of 18+ channels) natively: coat_lite_tiny's stages 3-4 (not the last block's
+    # class-token row), every coat_tiny block
+    assert attention_calls == {"coat_lite_tiny": 3, "coat_tiny": 8 + 5 * 3}[name]
 
 
 @needs_native
@@ -258,4 +308,7 @@ def test_a_build_without_avx2_computes_the_same(fresh_build, monkeypatch):
         expected = reference(convs, v, (7, 11), add, None)
         native.dwconv_tokens(v, native.depthwise_weights(convs), (7, 11), add=add, dst=add)
         torch.testing.assert_close(add, expected, atol=1e-5, rtol=1e-5)
+        qkv = torch.randn(3, 37, 3 * 152)  # partial stores of 19-channel heads without AVX2's masked store
+        torch.testing.assert_close(native.factor_attention(qkv, 8, 0.25), attention_reference(qkv, 8, 0.25),
+                                   atol=2e-5, rtol=1e-5)
     assert len(list((fresh_build / "native").glob("*.so"))) == 1  # built for these flags, in this test's cache

@@ -1,11 +1,18 @@
 """Native CPU kernels: C compiled at first use with the system's C compiler, called through ctypes.
 
-CoaT's depthwise convolutions are a few percent of its MACs but, on a CPU, cost far more than that: oneDNN spends
-about 60 us per call on a small map, the CRPE's v is copied out of the qkv projection into a layout the convolution
-takes, the three CRPE windows run as one zero-padded 7x7 kernel, and the sums that follow (CPE's residual, CRPE's
-Q * DWConv(V) added to the attention) are separate passes. `dwconv_tokens` (csrc/cpu_kernels.c) reads the
-(B, N, C) token layout directly, skips the padded zeros per block of 8 channels and writes the sum in the same
-pass. Measured per module and per model in BENCHMARKS.md (benchmarks/native_kernels.py, `coatvit benchmark --vs
+Two kernels (csrc/cpu_kernels.c), each in place of a chain of eager ops:
+
+- `dwconv_tokens`: CoaT's depthwise convolutions are a few percent of its MACs but, on a CPU, cost far more than
+  that: oneDNN spends about 60 us per call on a small map, the CRPE's v is copied out of the qkv projection into a
+  layout the convolution takes, the three CRPE windows run as one zero-padded 7x7 kernel, and the sums that follow
+  (CPE's residual, CRPE's Q * DWConv(V) added to the attention) are separate passes. The kernel reads the (B, N, C)
+  token layout directly, skips the padded zeros per block of 8 channels and writes the sum in the same pass.
+- `factor_attention`: the factorized attention's per-head products (heads of 18-64 channels) as batched matrix
+  products need q, k and v permuted to (B, h, N, Ch) and the result permuted back, each a copy, and softmax(K) as
+  one more tensor; the kernel reads q, k, v in place from the projection, keeps softmax(K) and V in per-image
+  scratch and writes the (B, N, C) output.
+
+Measured per module and per model in BENCHMARKS.md (benchmarks/native_kernels.py, `coatvit benchmark --vs
 ours-no-native`).
 
 When they run: CPU float32 inference (nothing for autograd to record), outside torch.compile, torch.export and
@@ -130,6 +137,8 @@ def library() -> ctypes.CDLL | None:
     i, n, ptr = ctypes.c_int, ctypes.c_long, ctypes.c_void_p
     lib.dwconv_tokens.argtypes = [ptr, n, n, ptr, ptr, ptr, i, i, i, i, i, ptr, n, n, ptr, n, n, ptr, n, n, i]
     lib.dwconv_tokens.restype = None
+    lib.factor_attention.argtypes = [ptr, n, n, i, i, i, i, ctypes.c_float, ptr, n, n, i]
+    lib.factor_attention.restype = i
     return lib
 
 
@@ -194,3 +203,32 @@ def dwconv_tokens(src: torch.Tensor, weights: DepthwiseWeights, size: tuple[int,
                             *m, add.data_ptr(), add.stride(0), add.stride(1), dst.data_ptr(), dst.stride(0),
                             dst.stride(1), torch.get_num_threads())
 
+
+
+# widest head `factor_attention` takes (its register tiles of the context)
+MAX_HEAD_CHANNELS = 64
+
+
+def factor_attention_ok(channels: int, heads: int) -> bool:
+    """Whether `factor_attention` takes C channels in `heads` heads: C a multiple of 8, heads of at most
+    MAX_HEAD_CHANNELS channels."""
+    return channels % 8 == 0 and channels % heads == 0 and channels // heads <= MAX_HEAD_CHANNELS
+
+
+def factor_attention(qkv: torch.Tensor, heads: int, scale: float) -> torch.Tensor:
+    """Per head, Q (scale * softmax over tokens of K)^T V from a qkv projection's output (B, N, 3C) (q, k, v side by
+    side, heads side by side in each; a float32 CPU tensor with contiguous rows): a fresh (B, N, C), no head
+    permute copied. C and heads as `factor_attention_ok` allows."""
+    B, N, C3 = qkv.shape
+    C = C3 // 3
+    if (qkv.dtype != torch.float32 or qkv.device.type != "cpu" or qkv.stride(-1) != 1 or qkv.stride(1) < C3
+            or C3 % 3 or not factor_attention_ok(C, heads)):
+        raise ValueError(f"factor_attention: expected a float32 CPU (B, N, 3C) projection with contiguous rows, C a "
+                         f"multiple of 8 and heads of at most {MAX_HEAD_CHANNELS} channels, got {tuple(qkv.shape)} "
+                         f"{qkv.dtype} (strides {qkv.stride()}) for {heads} heads")
+    out = qkv.new_empty(B, N, C)
+    if out.numel() and library().factor_attention(qkv.data_ptr(), qkv.stride(0), qkv.stride(1), B, N, C, heads,
+                                                  scale, out.data_ptr(), out.stride(0), out.stride(1),
+                                                  torch.get_num_threads()):
+        raise MemoryError(f"factor_attention: no memory for the scratch of {N} tokens")
+    return out

@@ -2,7 +2,11 @@
    Eight float32 lanes are one vector (GCC/Clang vector extensions: AVX2 where compiled for it); rows of work are
    split among `threads` OpenMP threads (PyTorch's own OpenMP runtime, loaded before this library). */
 #include <stddef.h>
+#include <stdlib.h>
 #include <string.h>
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
 typedef float v8 __attribute__((vector_size(32)));
 
 static inline v8 ld(const float *p) { v8 v; memcpy(&v, p, sizeof v); return v; }
@@ -111,4 +115,208 @@ void dwconv_tokens(const float *src, long src_bs, long src_ts,
             }
         }
     }
+}
+
+typedef int v8i __attribute__((vector_size(32)));
+
+static inline v8 splat(float x) { v8 v = {x, x, x, x, x, x, x, x}; return v; }
+static inline v8 select(v8i mask, v8 a, v8 b) { return (v8)((mask & (v8i)a) | (~mask & (v8i)b)); }
+/* exp of x <= 0 (a softmax's shifted logits) to about 2 ulp: x = n ln2 + r, a degree-6 polynomial in r, times
+   2^n put into the exponent bits; below -87 it flushes to exp(-87) ~ 1.6e-38. */
+static inline v8 exp8(v8 x)
+{
+    x = select(x < splat(-87.0f), splat(-87.0f), x);
+    const v8 magic = splat(12582912.0f);  /* 1.5 * 2^23: adding it rounds to an integer */
+    const v8 t = x * 1.44269504088896341f + magic;
+    const v8 n = t - magic;
+    const v8 r = x - n * 0.693359375f + n * 2.12194440e-4f;
+    v8 p = r * 1.9875691500e-4f + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    const v8i bits = ((v8i)t - (v8i)magic) << 23;
+    return (v8)((v8i)p + bits);
+}
+/* the first `width` (1..8) lanes of v to p */
+static inline void st_part(float *p, v8 v, int width)
+{
+    if (width == 8) { st(p, v); return; }
+#ifdef __AVX2__
+    static const int ramp[16] = {-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0};
+    _mm256_maskstore_ps(p, _mm256_loadu_si256((const __m256i *)(ramp + 8 - width)), (__m256)v);
+#else
+    float tmp[8];
+    memcpy(tmp, &v, sizeof tmp);
+    for (int i = 0; i < width; ++i) p[i] = tmp[i];
+#endif
+}
+
+/* The factorized attention of one image, all heads (C a multiple of 8, heads of ch <= 64 channels):
+
+   out[n, head] = q[n, head] @ (scale * softmax over the N tokens of k[:, head])^T v[:, head]
+
+   q, k and v are read from the image's rows of the qkv projection (q, k, v side by side, rows `ts` floats apart)
+   and the result goes to its rows of out (`ots` apart), so no head permute is ever copied. Three passes, each
+   over a range so that threads can share one image: `softmax_pass` writes softmax(K)'s numerators E and a copy
+   of V to scratch rows of C + 8 floats (zero tail), and scale / the channels' sums to inv; `context_pass`
+   accumulates each head's (ch x chp) context in register tiles of 4 rows x 16 channels (a head's last tile reads
+   into the next head's columns or the zero tail, and only its own columns are kept); `output_pass` multiplies
+   tiles of 4 tokens x 16 channels of q by the contexts and stores each head's own channels. */
+typedef struct {
+    const float *qkv;
+    long ts, ots;
+    int N, C, heads, ch, chp, nv, cs;
+    float scale;
+    float *out, *E, *V, *ctx, *mx, *inv;
+} attention_t;
+
+static void softmax_pass(const attention_t *a, int c0, int c1)  /* channels [c0, c1), multiples of 8 */
+{
+    const float *k = a->qkv + a->C, *v = a->qkv + 2 * a->C;
+    const long ts = a->ts;
+    for (int c = c0; c < c1; c += 8) st(a->mx + c, ld(k + c));
+    for (int n = 1; n < a->N; ++n)
+        for (int c = c0; c < c1; c += 8) {
+            const v8 m = ld(a->mx + c), x = ld(k + n * ts + c);
+            st(a->mx + c, select(x > m, x, m));
+        }
+    for (int c = c0; c < c1; c += 8) st(a->inv + c, splat(0.0f));
+    for (int n = 0; n < a->N; ++n) {
+        float *e = a->E + (long)n * a->cs, *vv = a->V + (long)n * a->cs;
+        for (int c = c0; c < c1; c += 8) {
+            const v8 x = exp8(ld(k + n * ts + c) - ld(a->mx + c));
+            st(e + c, x);
+            st(a->inv + c, ld(a->inv + c) + x);
+            st(vv + c, ld(v + n * ts + c));
+        }
+        if (c1 == a->C) {
+            st(e + a->C, splat(0.0f));
+            st(vv + a->C, splat(0.0f));
+        }
+    }
+    for (int c = c0; c < c1; c += 8) st(a->inv + c, splat(a->scale) / ld(a->inv + c));  /* each sum >= exp(0) */
+}
+
+static void context_pass(const attention_t *a, int h0, int h1)  /* heads [h0, h1) */
+{
+    const int ch = a->ch, chp = a->chp, nv = a->nv, cs = a->cs;
+    for (int h = h0; h < h1; ++h) {
+        float *cx = a->ctx + (long)h * ch * chp;
+        const int o = h * ch;
+        for (int c1 = 0; c1 < ch; c1 += 4)
+            for (int j = 0; j < nv; j += 2) {
+                v8 a00 = splat(0.0f), a01 = a00, a10 = a00, a11 = a00, a20 = a00, a21 = a00, a30 = a00, a31 = a00;
+                const float *e = a->E + o + c1, *vv = a->V + o + 8 * j;
+                for (int n = 0; n < a->N; ++n, e += cs, vv += cs) {
+                    const v8 v0 = ld(vv), v1 = ld(vv + 8);
+                    const v8 w0 = splat(e[0]), w1 = splat(e[1]), w2 = splat(e[2]), w3 = splat(e[3]);
+                    a00 += w0 * v0; a01 += w0 * v1;
+                    a10 += w1 * v0; a11 += w1 * v1;
+                    a20 += w2 * v0; a21 += w2 * v1;
+                    a30 += w3 * v0; a31 += w3 * v1;
+                }
+                const v8 acc[4][2] = {{a00, a01}, {a10, a11}, {a20, a21}, {a30, a31}};
+                for (int r = 0; r < 4 && c1 + r < ch; ++r)
+                    for (int b = 0; b < 2 && j + b < nv; ++b)
+                        st(cx + (long)(c1 + r) * chp + 8 * (j + b), acc[r][b] * a->inv[o + c1 + r]);
+            }
+    }
+}
+
+static void output_pass(const attention_t *a, int n_begin, int n_end)  /* tokens [n_begin, n_end) */
+{
+    const int ch = a->ch, chp = a->chp, nv = a->nv;
+    const long ts = a->ts;
+    for (int n0 = n_begin; n0 < n_end; n0 += 4) {  /* a last tile of fewer tokens reads its first row again */
+        const int toks = n_end - n0 < 4 ? n_end - n0 : 4;
+        const float *q = a->qkv + n0 * ts;
+        const long t1 = toks > 1 ? ts : 0, t2 = toks > 2 ? 2 * ts : 0, t3 = toks > 3 ? 3 * ts : 0;
+        for (int h = 0; h < a->heads; ++h) {
+            const float *cx = a->ctx + (long)h * ch * chp;
+            const int o = h * ch;
+            for (int j = 0; j < nv; j += 2) {
+                v8 a00 = splat(0.0f), a01 = a00, a10 = a00, a11 = a00, a20 = a00, a21 = a00, a30 = a00, a31 = a00;
+                for (int c1 = 0; c1 < ch; ++c1) {
+                    const v8 c0 = ld(cx + (long)c1 * chp + 8 * j), cc = ld(cx + (long)c1 * chp + 8 * j + 8);
+                    const float *qq = q + o + c1;
+                    const v8 w0 = splat(qq[0]), w1 = splat(qq[t1]), w2 = splat(qq[t2]), w3 = splat(qq[t3]);
+                    a00 += w0 * c0; a01 += w0 * cc;
+                    a10 += w1 * c0; a11 += w1 * cc;
+                    a20 += w2 * c0; a21 += w2 * cc;
+                    a30 += w3 * c0; a31 += w3 * cc;
+                }
+                const v8 acc[4][2] = {{a00, a01}, {a10, a11}, {a20, a21}, {a30, a31}};
+                for (int r = 0; r < toks; ++r)
+                    for (int b = 0; b < 2 && j + b < nv; ++b) {
+                        const int c = 8 * (j + b);
+                        st_part(a->out + (n0 + r) * a->ots + o + c, acc[r][b], ch - c < 8 ? ch - c : 8);
+                    }
+            }
+        }
+    }
+}
+
+/* scratch floats of one image: E, V, the contexts (and 16 floats a last tile may read past them), mx, inv */
+static size_t attention_scratch(int N, int C, int heads)
+{
+    const int ch = C / heads, chp = (ch + 7) / 8 * 8;
+    return (size_t)2 * N * (C + 8) + (size_t)heads * ch * chp + 16 + 2 * (size_t)C;
+}
+
+static attention_t attention_setup(const float *qkv, long ts, int N, int C, int heads, float scale, float *out,
+                                   long ots, float *scratch)
+{
+    attention_t a = {qkv, ts, ots, N, C, heads, C / heads, (C / heads + 7) / 8 * 8, 0, C + 8, scale, out,
+                     scratch, NULL, NULL, NULL, NULL};
+    a.nv = a.chp / 8;
+    a.V = a.E + (size_t)N * a.cs;
+    a.ctx = a.V + (size_t)N * a.cs;
+    a.mx = a.ctx + (size_t)heads * a.ch * a.chp + 16;
+    a.inv = a.mx + C;
+    return a;
+}
+
+/* The factorized attention of a batch: with at least as many images as threads, images split among the threads
+   (one image per thread at a time); with fewer, each image's passes split among them (channels, heads, tokens).
+   Returns 0, or -1 when scratch memory could not be had (out is then incomplete). */
+int factor_attention(const float *qkv, long bs, long ts, int B, int N, int C, int heads, float scale,
+                     float *out, long obs, long ots, int threads)
+{
+    int failed = 0;
+    if (B >= threads) {
+        #pragma omp parallel num_threads(threads) reduction(|:failed)
+        {
+            float *scratch = malloc(sizeof(float) * attention_scratch(N, C, heads));
+            failed = scratch == NULL;
+            #pragma omp for schedule(static)
+            for (long b = 0; b < B; ++b) {
+                if (!scratch) continue;
+                const attention_t a = attention_setup(qkv + b * bs, ts, N, C, heads, scale, out + b * obs, ots,
+                                                      scratch);
+                softmax_pass(&a, 0, C);
+                context_pass(&a, 0, heads);
+                output_pass(&a, 0, N);
+            }
+            free(scratch);
+        }
+        return failed ? -1 : 0;
+    }
+    float *scratch = malloc(sizeof(float) * attention_scratch(N, C, heads));
+    if (!scratch) return -1;
+    for (long b = 0; b < B; ++b) {
+        const attention_t a = attention_setup(qkv + b * bs, ts, N, C, heads, scale, out + b * obs, ots, scratch);
+        #pragma omp parallel num_threads(threads)
+        {
+            #pragma omp for schedule(static)
+            for (int c = 0; c < C; c += 8) softmax_pass(&a, c, c + 8);
+            #pragma omp for schedule(dynamic)
+            for (int h = 0; h < heads; ++h) context_pass(&a, h, h + 1);
+            #pragma omp for schedule(static)
+            for (int n = 0; n < N; n += 64) output_pass(&a, n, n + 64 < N ? n + 64 : N);
+        }
+    }
+    free(scratch);
+    return 0;
 }
