@@ -91,9 +91,11 @@ def attention_reference(qkv: torch.Tensor, heads: int, scale: float) -> torch.Te
 @needs_native
 @pytest.mark.parametrize("batch", [1, 3])  # fewer images than threads: passes split; more: images split
 @pytest.mark.parametrize("tokens, channels, heads", [(785, 152, 8), (197, 256, 8), (50, 320, 8), (65, 512, 8),
-                                                     (3, 24, 1), (1, 16, 2), (130, 72, 4)])
+                                                     (3, 24, 1), (1, 16, 2), (130, 72, 4), (3137, 64, 8),
+                                                     (77, 128, 8), (13, 40, 8)])
 def test_factor_attention_equals_the_eager_products(batch, tokens, channels, heads):
-    """Heads of 19, 32, 40, 64, 24, 8 and 18 channels; token counts that leave partial tiles of 4 and of 64;
+    """Heads of 19, 32, 40, 64, 24, 8, 18 and 5 channels (the Lite models' narrow 8 and 16 included); token counts
+    that leave partial tiles of 4, 8 and 64;
     q, k, v as views of a wider projection output, as the model passes them."""
     torch.manual_seed(0)
     threads = torch.get_num_threads()
@@ -103,7 +105,8 @@ def test_factor_attention_equals_the_eager_products(batch, tokens, channels, hea
         qkv = wide[..., :3 * channels]  # rows 3C + 8 floats apart
         scale = (channels // heads) ** -0.5
         out = native.factor_attention(qkv, heads, scale)
-        torch.testing.assert_close(out, attention_reference(qkv, heads, scale), atol=2e-5, rtol=1e-5)
+        # float32 sums over up to 3137 tokens in another order: agreement to about 1e-5 of the values' scale
+        torch.testing.assert_close(out, attention_reference(qkv, heads, scale), atol=1e-4, rtol=1e-4)
         assert out.shape == (batch, tokens, channels) and out.is_contiguous()
     finally:
         torch.set_num_threads(threads)
@@ -154,9 +157,8 @@ def test_model_runs_the_native_kernels_with_the_reference_logits(monkeypatch, na
     torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
     # every CPE and CRPE of every block, but the CRPE of the last one (class-token shortcut)
     assert len(calls) == {"coat_lite_tiny": 8 + 7, "coat_tiny": 8 + 8 + 6 * 3 + 5 * 3}[name]
-    # per-head attention (heads of 18+ channels) natively: coat_lite_tiny's stages 3-4 (not the last block's
-    # class-token row), every coat_tiny block
-    assert attention_calls == {"coat_lite_tiny": 3, "coat_tiny": 8 + 5 * 3}[name]
+    # the attention products natively in every block but the last (its class-token row only)
+    assert attention_calls == {"coat_lite_tiny": 7, "coat_tiny": 8 + 5 * 3}[name]
 
 
 @needs_native

@@ -23,7 +23,7 @@ classifier that pools the class token computes only the class-token rows of its 
 outputs match the reference to about 1e-6, not bit for bit (tests/test_fast_path.py). Where a layer has been
 replaced (dynamic int8 quantization, a LoRA wrapper) or carries hooks, the fast path calls it instead of reading its
 weights (`called_as_built`). In CPU fp32 inference the CPE and CRPE convolutions with the sums around them, and
-the per-head attention products, run as native kernels (`coatvit.native`, built with the system's C compiler at
+the attention products, run as native kernels (`coatvit.native`, built with the system's C compiler at
 first use). On the meta device
 (MAC counting) and under torch.func transforms the reference path runs. Measured, on a CPU the
 fast path's lead over timm's port comes mostly from writing less freshly mapped memory (BENCHMARKS.md, "Where the
@@ -329,8 +329,7 @@ class FactorAttnConvRelPosEnc(nn.Module):
                 return self.proj(out)
         qkv = self.qkv(x)  # (B, N, 3C)
         q, k, v = qkv.unflatten(-1, (3, C)).unbind(2)  # (B, N, C) views, heads side by side
-        if self.native_heads and C // h >= self.per_head_min_channels and native.factor_attention_ok(C, h) \
-                and native_inference(x, self.qkv):
+        if self.native_heads and native.factor_attention_ok(C, h) and native_inference(x, self.qkv):
             out = native.factor_attention(qkv, h, self.scale)  # (B, N, C): per-head products, no head permutes
             return self.proj(out if crpe is None else crpe.add_to(out, q, v, size))
         k = k.softmax(dim=1)  # (B, N, C); softmax over all N tokens per channel
@@ -377,8 +376,9 @@ class FactorAttnConvRelPosEnc(nn.Module):
     # 1.55x at 64 (BENCHMARKS.md)
     per_head_min_channels = 18
 
-    # In CPU fp32 inference the per-head products run as one native kernel (`native.factor_attention`), which reads
-    # q, k, v in place and writes the (B, N, C) output: no head permutes (benchmarks/native_kernels.py, BENCHMARKS.md)
+    # In CPU fp32 inference the attention products of every head width run as one native kernel
+    # (`native.factor_attention`), which reads q, k, v in place and writes the (B, N, C) output: no head permutes, and
+    # narrow heads without the masked product's extra MACs (benchmarks/native_kernels.py, BENCHMARKS.md)
     native_heads = True
 
     def head_mask(self, dim: int, like: torch.Tensor) -> torch.Tensor:

@@ -7,10 +7,11 @@ Two kernels (csrc/cpu_kernels.c), each in place of a chain of eager ops:
   layout the convolution takes, the three CRPE windows run as one zero-padded 7x7 kernel, and the sums that follow
   (CPE's residual, CRPE's Q * DWConv(V) added to the attention) are separate passes. The kernel reads the (B, N, C)
   token layout directly, skips the padded zeros per block of 8 channels and writes the sum in the same pass.
-- `factor_attention`: the factorized attention's per-head products (heads of 18-64 channels) as batched matrix
-  products need q, k and v permuted to (B, h, N, Ch) and the result permuted back, each a copy, and softmax(K) as
-  one more tensor; the kernel reads q, k, v in place from the projection, keeps softmax(K) and V in per-image
-  scratch and writes the (B, N, C) output.
+- `factor_attention`: the factorized attention's products. As batched matrix products, wide heads need q, k and v
+  permuted to (B, h, N, Ch) and the result permuted back, each a copy, and softmax(K) as one more tensor; narrow
+  heads (8 and 16 channels) run as one masked (C x C) product per image, 8x and 4x the MACs. The kernel reads q, k,
+  v in place from the projection, keeps softmax(K) and V in per-image scratch, computes each head's own products and
+  writes the (B, N, C) output.
 
 Measured per module and per model in BENCHMARKS.md (benchmarks/native_kernels.py, `coatvit benchmark --vs
 ours-no-native`).

@@ -205,6 +205,17 @@ static void context_pass(const attention_t *a, int h0, int h1)  /* heads [h0, h1
     for (int h = h0; h < h1; ++h) {
         float *cx = a->ctx + (long)h * ch * chp;
         const int o = h * ch;
+        if (nv == 1) {  /* heads of up to 8 channels: one tile of 8 rows x 8 channels */
+            v8 acc[8];
+            for (int r = 0; r < 8; ++r) acc[r] = splat(0.0f);
+            const float *e = a->E + o, *vv = a->V + o;
+            for (int n = 0; n < a->N; ++n, e += cs, vv += cs) {
+                const v8 v0 = ld(vv);
+                for (int r = 0; r < 8; ++r) acc[r] += splat(e[r]) * v0;
+            }
+            for (int r = 0; r < ch; ++r) st(cx + (long)r * chp, acc[r] * a->inv[o + r]);
+            continue;
+        }
         for (int c1 = 0; c1 < ch; c1 += 4)
             for (int j = 0; j < nv; j += 2) {
                 v8 a00 = splat(0.0f), a01 = a00, a10 = a00, a11 = a00, a20 = a00, a21 = a00, a30 = a00, a31 = a00;
@@ -229,6 +240,25 @@ static void output_pass(const attention_t *a, int n_begin, int n_end)  /* tokens
 {
     const int ch = a->ch, chp = a->chp, nv = a->nv;
     const long ts = a->ts;
+    if (nv == 1) {  /* heads of up to 8 channels: tiles of 8 tokens x 8 channels */
+        for (int n0 = n_begin; n0 < n_end; n0 += 8) {
+            const int toks = n_end - n0 < 8 ? n_end - n0 : 8;
+            long rows[8];
+            for (int r = 0; r < 8; ++r) rows[r] = (r < toks ? r : 0) * ts;  /* a short tile repeats its first row */
+            const float *q = a->qkv + n0 * ts;
+            for (int h = 0; h < a->heads; ++h) {
+                const float *cx = a->ctx + (long)h * ch * chp, *qh = q + h * ch;
+                v8 acc[8];
+                for (int r = 0; r < 8; ++r) acc[r] = splat(0.0f);
+                for (int c1 = 0; c1 < ch; ++c1) {
+                    const v8 c0 = ld(cx + (long)c1 * chp);
+                    for (int r = 0; r < 8; ++r) acc[r] += splat(qh[rows[r] + c1]) * c0;
+                }
+                for (int r = 0; r < toks; ++r) st_part(a->out + (n0 + r) * a->ots + h * ch, acc[r], ch);
+            }
+        }
+        return;
+    }
     for (int n0 = n_begin; n0 < n_end; n0 += 4) {  /* a last tile of fewer tokens reads its first row again */
         const int toks = n_end - n0 < 4 ? n_end - n0 : 4;
         const float *q = a->qkv + n0 * ts;
