@@ -285,6 +285,9 @@ def test_a_failing_compiler_warns_once_and_the_eager_ops_run(fresh_build, monkey
         with torch.no_grad():
             model(x)  # the decision holds for the process: no second warning, no second build
     assert not list((fresh_build / "native").glob("*"))  # nothing half-written left behind
+    monkeypatch.delenv("CC")
+    native.library.cache_clear()  # a later build that works clears the reason
+    assert native.library() is not None and native.failure() is None
 
 
 def test_native_kernels_never_run_inside_a_traced_graph(monkeypatch):

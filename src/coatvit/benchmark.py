@@ -498,9 +498,9 @@ def _native_kernels(device: str) -> str:
         return ""
     from . import native
 
-    if native.available():
-        return ", native kernels on"
-    return f", native kernels off ({native.failure() or native.ENV + '=0'})"
+    if not native.enabled():
+        return f", native kernels off ({native.ENV}=0)"
+    return ", native kernels on" if native.available() else f", native kernels off ({native.failure()})"
 
 
 def _load(load: Sequence[float]) -> str:

@@ -116,6 +116,7 @@ def build(cc: str, flags: list[str], directory: Path) -> Path:
 def library() -> ctypes.CDLL | None:
     """The loaded library, or None where it cannot be built (see `failure`). Built once per process."""
     global _failure
+    _failure = None
     if not sys.platform.startswith("linux"):
         _failure = f"built and tested on Linux only, this is {sys.platform}"
         return None
