@@ -1,5 +1,6 @@
-"""The native CPU kernels (coatvit.native): the depthwise convolution over token layouts against PyTorch's conv, the
-model's use of it, and the build: cache, damaged files, no compiler, a failing compiler, the switch."""
+"""The native CPU kernels (coatvit.native): the depthwise convolution, the attention products and the co-scale mix
+over token layouts against PyTorch's ops, the model's use of them, and the build: cache, damaged files, no
+compiler, a failing compiler, the switch."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import torch.nn as nn
 
 import coatvit
 from coatvit import native
+from coatvit.model import resize_tokens
 
 needs_native = pytest.mark.skipif(not native.available(), reason=f"native kernels unavailable: {native.failure()}")
 
@@ -121,6 +123,42 @@ def test_factor_attention_says_what_it_takes():
     assert native.factor_attention(torch.randn(0, 5, 3 * 16), 2, 0.2).shape == (0, 5, 16)
 
 
+def mix_reference(x, a, sources, size):
+    """x + ((a + resize(s1)) + resize(s2)) with the reference path's bilinear resize (F.interpolate)."""
+    for s, s_size in sources:
+        a = a + resize_tokens(s, s_size, size)
+    return x + a
+
+
+@needs_native
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("channels", [152, 20, 8])  # 20: a scalar tail past the last block of 8
+@pytest.mark.parametrize("grids", [((28, 28), (14, 14), (7, 7)), ((15, 17), (7, 8), (3, 4)), ((5, 5), (2, 2), (1, 1)),
+                                   ((10, 6), (5, 3), (2, 1))])
+def test_mix_tokens_equals_resizes_and_sums(batch, channels, grids):
+    """Every scale of a parallel block (up- and downsampling by 2 and 4, odd and one-pixel grids) from views of
+    wider tensors, as the attention outputs of the model are not; against F.interpolate's bilinear resize."""
+    torch.manual_seed(0)
+    tokens = [torch.randn(batch, 1 + h * w, channels + 5)[..., :channels] for h, w in grids]
+    for i, others in enumerate(((1, 2), (2, 0), (1, 0))):
+        x = torch.randn(batch, 1 + grids[i][0] * grids[i][1], channels)
+        sources = [(tokens[j], grids[j]) for j in others]
+        out = native.mix_tokens(x, tokens[i], sources, grids[i])
+        torch.testing.assert_close(out, mix_reference(x, tokens[i], sources, grids[i]), atol=1e-5, rtol=1e-5)
+        assert out.is_contiguous()
+
+
+@needs_native
+def test_mix_tokens_says_what_it_takes():
+    x = torch.randn(2, 1 + 4 * 4, 16)
+    with pytest.raises(ValueError, match="for 2x2 grids"):
+        native.mix_tokens(x, x, [(torch.randn(2, 5, 16), (2, 2)), (torch.randn(2, 5, 8), (2, 2))], (4, 4))
+    with pytest.raises(ValueError, match="float32"):
+        native.mix_tokens(x, x.double(), [(x, (4, 4)), (x, (4, 4))], (4, 4))
+    empty = torch.randn(0, 17, 16)
+    assert native.mix_tokens(empty, empty, [(empty, (4, 4)), (empty, (4, 4))], (4, 4)).shape == (0, 17, 16)
+
+
 def count_calls(monkeypatch, kernel: str = "dwconv_tokens") -> list:
     """The first argument's shape of every call of `native.<kernel>` from now on."""
     calls = []
@@ -142,6 +180,7 @@ def test_model_runs_the_native_kernels_with_the_reference_logits(monkeypatch, na
     x = torch.randn(2, 3, 96, 80)
     calls = count_calls(monkeypatch)
     attention_calls = count_calls(monkeypatch, "factor_attention")
+    mix_calls = count_calls(monkeypatch, "mix_tokens")
     with torch.no_grad():
         out = model(x)
         assert calls, "the native kernels did not run"
@@ -152,6 +191,23 @@ def test_model_runs_the_native_kernels_with_the_reference_logits(monkeypatch, na
     assert len(calls) == {"coat_lite_tiny": 8 + 7, "coat_tiny": 8 + 8 + 6 * 3 + 5 * 3}[name]
     # the attention products natively in every block but the last (its class-token row only)
     assert len(attention_calls) == {"coat_lite_tiny": 7, "coat_tiny": 8 + 5 * 3}[name]
+    # each scale's co-scale sum in every parallel block but the last
+    assert len(mix_calls) == {"coat_lite_tiny": 0, "coat_tiny": 5 * 3}[name]
+
+
+@needs_native
+def test_the_co_scale_mix_stays_eager_where_drop_path_is_active(monkeypatch):
+    """A model in training mode without autograd (a no_grad evaluation inside a training loop) drops paths at
+    random: the mix runs as the reference path's sums, which apply them."""
+    model = coatvit.create_model("coat_tiny", drop_path_rate=0.5).train()
+    mix_calls = count_calls(monkeypatch, "mix_tokens")
+    with torch.no_grad():
+        model(torch.randn(2, 3, 64, 64))
+    assert not mix_calls
+    model.eval()
+    with torch.no_grad():
+        model(torch.randn(2, 3, 64, 64))
+    assert len(mix_calls) == 5 * 3
 
 
 @needs_native
@@ -309,4 +365,8 @@ def test_a_build_without_avx2_computes_the_same(fresh_build, monkeypatch):
         qkv = torch.randn(3, 37, 3 * 152)  # partial stores of 19-channel heads without AVX2's masked store
         torch.testing.assert_close(native.factor_attention(qkv, 8, 0.25), attention_reference(qkv, 8, 0.25),
                                    atol=2e-5, rtol=1e-5)
+        tokens = [torch.randn(2, 1 + h * w, 20) for h, w in ((6, 10), (3, 5), (1, 2))]  # a tail of 4 channels
+        sources = [(tokens[1], (3, 5)), (tokens[2], (1, 2))]
+        torch.testing.assert_close(native.mix_tokens(tokens[0], tokens[0], sources, (6, 10)),
+                                   mix_reference(tokens[0], tokens[0], sources, (6, 10)), atol=1e-5, rtol=1e-5)
     assert len(list((fresh_build / "native").glob("*.so"))) == 1  # built for these flags, in this test's cache

@@ -630,8 +630,9 @@ def run_benchmark(args) -> int:
                          f"{config.min_input_size} px per side")
     cfg = BenchmarkConfig(
         model=args.model, batch_size=args.batch_size, img_size=img_size, device=args.device, amp=args.amp,
-        channels_last=args.channels_last, compile=args.compile, compile_mode=args.compile_mode, freeze=args.freeze, vs=tuple(args.vs),
-        modes=tuple(args.modes), repeats=args.repeats, steps=args.steps, warmup=args.warmup, threads=args.threads,
+        channels_last=args.channels_last, compile=args.compile, compile_mode=args.compile_mode, freeze=args.freeze,
+        vs=tuple(args.vs), modes=tuple(args.modes), repeats=args.repeats, steps=args.steps, warmup=args.warmup,
+        threads=args.threads,
         peak_memory=not args.no_memory, matmul_size=args.matmul_size, tuned_allocator=args.tuned_allocator)
     log = (lambda s: None) if args.format == "json" else (lambda s: print(s, flush=True))
     rows = run_benchmark(cfg, log=log)

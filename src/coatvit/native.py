@@ -141,6 +141,8 @@ def library() -> ctypes.CDLL | None:
     lib.dwconv_tokens.restype = None
     lib.factor_attention.argtypes = [ptr, n, n, i, i, i, i, ctypes.c_float, ptr, n, n, i]
     lib.factor_attention.restype = i
+    lib.mix_tokens.argtypes = [ptr, n, n, ptr, n, n, ptr, n, n, i, i, ptr, n, n, i, i, ptr, n, n, i, i, i, i, i]
+    lib.mix_tokens.restype = None
     return lib
 
 
@@ -232,4 +234,26 @@ def factor_attention(qkv: torch.Tensor, heads: int, scale: float) -> torch.Tenso
                                                   scale, out.data_ptr(), out.stride(0), out.stride(1),
                                                   torch.get_num_threads()):
         raise MemoryError(f"factor_attention: no memory for the scratch of {N} tokens")
+    return out
+
+
+def mix_tokens(x: torch.Tensor, a: torch.Tensor, sources: list[tuple[torch.Tensor, tuple[int, int]]],
+               size: tuple[int, int]) -> torch.Tensor:
+    """x + ((a + resize(s1)) + resize(s2)), a fresh (B, 1 + H*W, C): a parallel block's co-scale sum for one scale,
+    where `sources` are the two other scales' tokens with their grids, resized bilinearly (align_corners=False)
+    to `size` (class tokens carried over), as `resize_tokens` does. Float32 CPU tokens with contiguous channels."""
+    (s1, size1), (s2, size2) = sources
+    B, N, C = x.shape
+    H, W = size
+    for t, (h, w) in ((x, size), (a, size), (s1, size1), (s2, size2)):
+        if (t.dim() != 3 or t.shape[0] != B or t.shape[1] != 1 + h * w or t.shape[2] != C or t.dtype != torch.float32
+                or t.device.type != "cpu" or t.stride(-1) != 1 or min(h, w) < 1):
+            raise ValueError(f"mix_tokens: expected float32 CPU tokens (B={B}, 1 + H*W, C={C}) with contiguous "
+                             f"channels for {h}x{w} grids, got {tuple(t.shape)} {t.dtype}")
+    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    if out.numel():
+        library().mix_tokens(x.data_ptr(), x.stride(0), x.stride(1), a.data_ptr(), a.stride(0), a.stride(1),
+                             s1.data_ptr(), s1.stride(0), s1.stride(1), *size1, s2.data_ptr(), s2.stride(0),
+                             s2.stride(1), *size2, out.data_ptr(), out.stride(0), out.stride(1), B, H, W, C,
+                             torch.get_num_threads())
     return out

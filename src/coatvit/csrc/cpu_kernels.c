@@ -350,3 +350,83 @@ int factor_attention(const float *qkv, long bs, long ts, int B, int N, int C, in
     free(scratch);
     return 0;
 }
+
+/* Bilinear taps of output index o on an axis resized from n_in to n_out samples (align_corners=False, PyTorch's
+   rule: source position (o + 0.5) * n_in / n_out - 0.5, clamped at 0; the second tap clamped to the last sample). */
+typedef struct { int i0, i1; float l0, l1; } taps_t;
+
+static inline taps_t taps(int o, int n_in, int n_out)
+{
+    const float scale = (float)n_in / (float)n_out;
+    float s = scale * ((float)o + 0.5f) - 0.5f;
+    if (s < 0.0f) s = 0.0f;
+    int i = (int)s;
+    if (i > n_in - 1) i = n_in - 1;
+    taps_t t = {i, i + (i < n_in - 1), 0.0f, s - (float)i};
+    if (t.l1 > 1.0f) t.l1 = 1.0f;
+    t.l0 = 1.0f - t.l1;
+    return t;
+}
+
+typedef struct { const float *p; long bs, ts; int H, W; } tokens_t;
+
+/* one source's bilinear sample at output pixel (y, x) of an H x W grid, channels c..c+7 of image b's tokens */
+typedef struct { const float *p00, *p01, *p10, *p11; float w00, w01, w10, w11; } sample_t;
+
+static inline sample_t sample_at(const tokens_t *s, long b, taps_t ty, int x, int W)
+{
+    const taps_t tx = taps(x, s->W, W);
+    const float *img = s->p + b * s->bs + s->ts;  /* image tokens start after the class token */
+    sample_t r = {img + ((long)ty.i0 * s->W + tx.i0) * s->ts, img + ((long)ty.i0 * s->W + tx.i1) * s->ts,
+                  img + ((long)ty.i1 * s->W + tx.i0) * s->ts, img + ((long)ty.i1 * s->W + tx.i1) * s->ts,
+                  ty.l0 * tx.l0, ty.l0 * tx.l1, ty.l1 * tx.l0, ty.l1 * tx.l1};
+    return r;
+}
+
+/* The co-scale mix of a parallel block, for one scale, in one pass over CoaT's (B, 1 + H*W, C) token layout:
+
+   dst = x + ((a + resize(s1)) + resize(s2))
+
+   where resize is PyTorch's bilinear interpolation (align_corners=False) of a source's H_i x W_i image tokens to
+   this scale's H x W grid, and carries the source's class token over unchanged (row 0). The sums run in this order,
+   the reference path's. Channels are contiguous; batch and token strides count floats; dst must not overlap the
+   inputs. Rows (b, class token or grid row y) are split among the threads. */
+void mix_tokens(const float *x, long x_bs, long x_ts, const float *a, long a_bs, long a_ts,
+                const float *s1p, long s1_bs, long s1_ts, int H1, int W1,
+                const float *s2p, long s2_bs, long s2_ts, int H2, int W2,
+                float *dst, long d_bs, long d_ts, int B, int H, int W, int C, int threads)
+{
+    const tokens_t s1 = {s1p, s1_bs, s1_ts, H1, W1}, s2 = {s2p, s2_bs, s2_ts, H2, W2};
+    const int cv = C / 8 * 8;
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (long row = 0; row < (long)B * (H + 1); ++row) {
+        const long b = row / (H + 1);
+        const int y = (int)(row % (H + 1)) - 1;  /* -1: the class token */
+        if (y < 0) {
+            const float *xp = x + b * x_bs, *ap = a + b * a_bs, *p1 = s1p + b * s1_bs, *p2 = s2p + b * s2_bs;
+            float *d = dst + b * d_bs;
+            for (int c = 0; c < C; ++c) d[c] = xp[c] + ((ap[c] + p1[c]) + p2[c]);
+            continue;
+        }
+        const taps_t t1 = taps(y, H1, H), t2 = taps(y, H2, H);
+        for (int px = 0; px < W; ++px) {
+            const long n = 1 + (long)y * W + px;
+            const float *xp = x + b * x_bs + n * x_ts, *ap = a + b * a_bs + n * a_ts;
+            float *d = dst + b * d_bs + n * d_ts;
+            const sample_t u = sample_at(&s1, b, t1, px, W), v = sample_at(&s2, b, t2, px, W);
+            int c = 0;
+            for (; c < cv; c += 8) {
+                const v8 r1 = ld(u.p00 + c) * u.w00 + ld(u.p01 + c) * u.w01 + ld(u.p10 + c) * u.w10
+                              + ld(u.p11 + c) * u.w11;
+                const v8 r2 = ld(v.p00 + c) * v.w00 + ld(v.p01 + c) * v.w01 + ld(v.p10 + c) * v.w10
+                              + ld(v.p11 + c) * v.w11;
+                st(d + c, ld(xp + c) + ((ld(ap + c) + r1) + r2));
+            }
+            for (; c < C; ++c) {
+                const float r1 = u.p00[c] * u.w00 + u.p01[c] * u.w01 + u.p10[c] * u.w10 + u.p11[c] * u.w11;
+                const float r2 = v.p00[c] * v.w00 + v.p01[c] * v.w01 + v.p10[c] * v.w10 + v.p11[c] * v.w11;
+                d[c] = xp[c] + ((ap[c] + r1) + r2);
+            }
+        }
+    }
+}
