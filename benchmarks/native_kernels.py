@@ -9,7 +9,9 @@ block's conv-attention module without CRPE (qkv projection, attention products, 
 as one native kernel (`native.factor_attention`) against the eager ops: softmax, head permutes and batched
 products where heads are 18+ channels wide, else one masked (C x C) product per image. The model's blocks run
 a few images at a time at large batches (`coatvit.model.images_per_chunk`: 6 images in stage 1 of coat_lite_tiny at
-224 px), hence batch 6 beside batch 1.
+224 px), hence batch 6 beside batch 1. Co-scale mix (models with parallel blocks): a parallel block's three sums
+x_s + a_s + resize(a_t) + resize(a_u) (`ParallelBlock.add_mix`), one native pass per scale against the resizes,
+concatenations and adds; its blocks take the whole batch, so batch 16 is the one to add for it.
 """
 
 from __future__ import annotations
@@ -79,7 +81,38 @@ def main() -> None:
                 crpe_e = med[False]["crpe"] - med[False]["copy"]
                 print(f"| {name} | {batch} | {i + 1} ({C}, {side}x{side}) | {cpe_n:.3f} / {cpe_e:.3f} | "
                       f"{cpe_e / cpe_n:.2f}x | {crpe_n:.3f} / {crpe_e:.3f} | {crpe_e / crpe_n:.2f}x | "
-                      f"{med[True]['attn']:.3f} / {med[False]['attn']:.3f} | {med[False]['attn'] / med[True]['attn']:.2f}x |")
+                      f"{med[True]['attn']:.3f} / {med[False]['attn']:.3f} | "
+                      f"{med[False]['attn'] / med[True]['attn']:.2f}x |")
+    mix_table(args)
+
+
+def mix_table(args) -> None:
+    """The co-scale mix of one parallel block (`ParallelBlock.add_mix`, all three scales) for the models that have
+    parallel blocks: one native pass per scale against the eager resizes, concatenations and sums."""
+    print("\n| model | batch | grids | co-scale mix native / eager ms | speedup |")
+    print("|---|---|---|---|---|")
+    for name in args.models:
+        model = coatvit.create_model(name).eval()
+        cfg = model.config
+        if not cfg.parallel_depth:
+            continue
+        block = model.parallel_blocks[0]
+        sizes = [(args.img_size // (cfg.patch_size * 2 ** i),) * 2 for i in (1, 2, 3)]
+        for batch in args.batch_sizes:
+            xs = [torch.randn(batch, 1 + h * w, cfg.embed_dims[1]) for h, w in sizes]
+            attn = [torch.randn_like(x) for x in xs]
+            steps = max(3, 60 // batch)
+            samples = {True: [], False: []}
+            with torch.no_grad():
+                for r in range(args.repeats):
+                    for on in ((True, False) if r % 2 == 0 else (False, True)):
+                        native.set_enabled(on)
+                        block.add_mix(xs, attn, sizes)  # warm-up
+                        samples[on].append(time_ms(lambda: block.add_mix(xs, attn, sizes), steps))
+            native.set_enabled(None)
+            n, e = statistics.median(samples[True]), statistics.median(samples[False])
+            grids = ", ".join(f"{h}x{w}" for h, w in sizes)
+            print(f"| {name} | {batch} | {grids} | {n:.3f} / {e:.3f} | {e / n:.2f}x |")
 
 
 if __name__ == "__main__":

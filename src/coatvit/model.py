@@ -666,8 +666,7 @@ class ParallelBlock(nn.Module):
     mix_order = ((1, 2), (2, 0), (1, 0))
 
     fast_path = True
-    # In CPU fp32 inference each scale's sum x + mix(attention) runs as one native kernel (`native.mix_tokens`)
-    native_mix = True
+    native_mix = True  # `add_mix` in one native pass per scale where it can (CPU fp32 inference)
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float, qkv_bias: bool, drop_path: float):
         super().__init__()
@@ -685,19 +684,23 @@ class ParallelBlock(nn.Module):
             getattr(self, f"factoratt_crpe{s}")(getattr(self, f"norm1{s}")(x), size, crpe)
             for s, x, size, crpe in zip(self.scales, xs, sizes, crpes)
         ]
-        if (self.native_mix and not self.training and use_fast(self, xs[0])
-                and all(native_inference(t) for t in xs + attn)):
-            # each scale's sum in one pass over the token layout: no resized copies, concatenations or partial sums
-            xs = [native.mix_tokens(x, attn[i], [(attn[j], sizes[j]) for j in others], sizes[i])
-                  for i, (x, others) in enumerate(zip(xs, self.mix_order))]
-        else:
-            resize = resize_tokens_fast if use_fast(self, xs[0]) else resize_tokens
-            mixed = self.mix(attn, lambda a, j, i: resize(a, sizes[j], sizes[i]))
-            xs = [x + self.drop_path(a) for x, a in zip(xs, mixed)]
+        xs = self.add_mix(xs, attn, sizes)
         if self.fast_path and in_chunks_ok(xs[0], self):
             return [self.mlp2.residual_in_chunks(x, getattr(self, f"norm2{s}")) for s, x in zip(self.scales, xs)]
         return [self.mlp2.residual(x, getattr(self, f"norm2{s}"), self.drop_path, self.fast_path)
                 for s, x in zip(self.scales, xs)]
+
+    def add_mix(self, xs: list[torch.Tensor], attn: list[torch.Tensor], sizes: list[Size]) -> list[torch.Tensor]:
+        """x_s + drop_path(a_s') for each scale s, a' the co-scale sums of the attention outputs (`mix`). In CPU fp32
+        inference each scale's sum is one native pass over the token layout (`native.mix_tokens`): no resized
+        copies, concatenations or partial sums."""
+        if (self.native_mix and not self.training and use_fast(self, xs[0])
+                and all(native_inference(t) for t in xs + attn)):
+            return [native.mix_tokens(x, attn[i], [(attn[j], sizes[j]) for j in others], sizes[i])
+                    for i, (x, others) in enumerate(zip(xs, self.mix_order))]
+        resize = resize_tokens_fast if use_fast(self, xs[0]) else resize_tokens
+        mixed = self.mix(attn, lambda a, j, i: resize(a, sizes[j], sizes[i]))
+        return [x + self.drop_path(a) for x, a in zip(xs, mixed)]
 
     def mix(self, attn: list[torch.Tensor], resize) -> list[torch.Tensor]:
         """a_s' = a_s + resize(a_t -> grid of s) + resize(a_u -> grid of s), summed in the authors' order;
