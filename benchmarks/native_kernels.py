@@ -11,7 +11,9 @@ products where heads are 18+ channels wide, else one masked (C x C) product per 
 a few images at a time at large batches (`coatvit.model.images_per_chunk`: 6 images in stage 1 of coat_lite_tiny at
 224 px), hence batch 6 beside batch 1. Co-scale mix (models with parallel blocks): a parallel block's three sums
 x_s + a_s + resize(a_t) + resize(a_u) (`ParallelBlock.add_mix`), one native pass per scale against the resizes,
-concatenations and adds; its blocks take the whole batch, so batch 16 is the one to add for it.
+concatenations and adds; its blocks take the whole batch, so batch 16 is the one to add for it. Training: CPE
+and CRPE's DWConv(V) forward and backward (input, weight and bias gradients; v a view of a qkv projection that
+requires grad) through `coatvit.model.DepthwiseTokens` against PyTorch's convolutions (`DepthwiseTokens.enabled`).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import torch
 
 import coatvit
 from coatvit import native
+from coatvit.model import DepthwiseTokens
 
 
 def time_ms(fn, steps: int) -> float:
@@ -31,6 +34,15 @@ def time_ms(fn, steps: int) -> float:
     for _ in range(steps):
         fn()
     return (time.perf_counter() - start) / steps * 1e3
+
+
+def stages(model, img_size: int):
+    """Per stage of `model` at img_size px: index, channels, tokens (with the class token), grid, CPE and CRPE."""
+    cfg = model.config
+    for i in range(4):
+        side = img_size // (cfg.patch_size * 2 ** i)
+        yield (i, cfg.embed_dims[i], side * side + 1, (side, side), getattr(model, f"cpe{i + 1}"),
+               getattr(model, f"crpe{i + 1}"))
 
 
 def main() -> None:
@@ -50,12 +62,9 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|")
     for name in args.models:
         model = coatvit.create_model(name).eval()
-        cfg = model.config
         for batch in args.batch_sizes:
-            for i in range(4):
-                side = args.img_size // (cfg.patch_size * 2 ** i)
-                C, N, size = cfg.embed_dims[i], side * side + 1, (side, side)
-                cpe, crpe = getattr(model, f"cpe{i + 1}"), getattr(model, f"crpe{i + 1}")
+            for i, C, N, size, cpe, crpe in stages(model, args.img_size):
+                side = size[0]
                 x = torch.randn(batch, N, C)
                 qkv = torch.randn(batch, N, 3 * C)
                 q, _, v = qkv.unflatten(-1, (3, C)).unbind(2)
@@ -84,6 +93,7 @@ def main() -> None:
                       f"{med[True]['attn']:.3f} / {med[False]['attn']:.3f} | "
                       f"{med[False]['attn'] / med[True]['attn']:.2f}x |")
     mix_table(args)
+    training_table(args)
 
 
 def mix_table(args) -> None:
@@ -113,6 +123,38 @@ def mix_table(args) -> None:
             n, e = statistics.median(samples[True]), statistics.median(samples[False])
             grids = ", ".join(f"{h}x{w}" for h, w in sizes)
             print(f"| {name} | {batch} | {grids} | {n:.3f} / {e:.3f} | {e / n:.2f}x |")
+
+
+def training_table(args) -> None:
+    """CPU training: CPE (x + DWConv(x) with the class row) and CRPE's DWConv(V), forward and backward (input,
+    weight and bias gradients), through `DepthwiseTokens` (native kernels) against PyTorch's convolutions."""
+    print("\n| model | batch | stage (C, grid) | CPE fwd+bwd native / eager ms | speedup "
+          "| CRPE conv fwd+bwd native / eager ms | speedup |")
+    print("|---|---|---|---|---|---|---|")
+    for name in args.models:
+        model = coatvit.create_model(name).train()
+        for batch in args.batch_sizes:
+            for i, C, N, size, cpe, crpe in stages(model, args.img_size):
+                side = size[0]
+                x = torch.randn(batch, N, C, requires_grad=True)
+                qkv = torch.randn(batch, N, 3 * C, requires_grad=True)
+                v = qkv.unflatten(-1, (3, C))[:, :, 2]
+                grads = torch.randn(batch, N, C), torch.randn(batch, N - 1, C)
+                steps = max(2, 24 // batch)
+                samples = {on: {"cpe": [], "crpe": []} for on in (True, False)}
+                for r in range(args.repeats):
+                    for on in ((True, False) if r % 2 == 0 else (False, True)):
+                        DepthwiseTokens.enabled = on
+                        for key, run in (("cpe", lambda: cpe(x, size).backward(grads[0])),
+                                         ("crpe", lambda: crpe.conv_tokens(v, size).backward(grads[1]))):
+                            run()  # warm-up
+                            samples[on][key].append(time_ms(run, steps))
+                DepthwiseTokens.enabled = True
+                med = {on: {k: statistics.median(v) for k, v in s.items()} for on, s in samples.items()}
+                print(f"| {name} | {batch} | {i + 1} ({C}, {side}x{side}) | {med[True]['cpe']:.3f} / "
+                      f"{med[False]['cpe']:.3f} | {med[False]['cpe'] / med[True]['cpe']:.2f}x | "
+                      f"{med[True]['crpe']:.3f} / {med[False]['crpe']:.3f} | "
+                      f"{med[False]['crpe'] / med[True]['crpe']:.2f}x |")
 
 
 if __name__ == "__main__":

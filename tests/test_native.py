@@ -12,6 +12,7 @@ import torch.nn as nn
 
 import coatvit
 from coatvit import native
+from coatvit import model as model_module
 from coatvit.model import resize_tokens
 
 needs_native = pytest.mark.skipif(not native.available(), reason=f"native kernels unavailable: {native.failure()}")
@@ -211,24 +212,108 @@ def test_the_co_scale_mix_stays_eager_where_drop_path_is_active(monkeypatch):
 
 
 @needs_native
-def test_native_kernels_follow_their_switch_and_stay_out_of_autograd(monkeypatch):
+def test_native_kernels_follow_their_switch(monkeypatch):
     torch.manual_seed(0)
     model = coatvit.create_model("coat_lite_tiny").eval()
     x = torch.randn(1, 3, 64, 64)
     calls = count_calls(monkeypatch)
+    grad_calls = count_calls(monkeypatch, "dwconv_weight_grad")
     monkeypatch.setenv(native.ENV, "0")
     with torch.no_grad():
         off = model(x)
-    assert not calls
+    model(x).sum().backward()  # training too: PyTorch's convolutions
+    assert not calls and not grad_calls
     monkeypatch.setenv(native.ENV, "1")
-    out = model(x)  # autograd records: the convolutions run as themselves, their weights get gradients
-    assert not calls
-    out.sum().backward()
-    assert model.crpe1.conv_list[0].weight.grad is not None and model.cpe1.proj.weight.grad is not None
     with torch.no_grad():
         on = model(x)
     assert calls
     torch.testing.assert_close(on, off, atol=1e-5, rtol=1e-5)
+
+
+def depthwise_case(windows, residual):
+    """Depthwise convs side by side over the channels, tokens (2, 1 + 7*9, C) as a view of a wider tensor (as CRPE's
+    v is of the qkv projection), and the reference forward with PyTorch's convolutions."""
+    torch.manual_seed(0)
+    convs = [nn.Conv2d(c, c, k, padding=k // 2, groups=c) for k, c in windows]
+    C = sum(c for _, c in windows)
+    x = (torch.randn(2, 1 + 7 * 9, C + 3)[..., :C] * 2).requires_grad_()
+
+    def eager(x):
+        conv = reference(convs, x[:, 1:], (7, 9), torch.zeros(()), None)
+        return torch.cat((x[:, :1], x[:, 1:] + conv), dim=1) if residual else conv
+
+    return convs, x, eager
+
+
+@needs_native
+@pytest.mark.parametrize("windows", [[(3, 24)], [(3, 16), (5, 24), (7, 24)], [(3, 38), (5, 57), (7, 57)],
+                                     [(3, 5), (7, 16)]])  # 152 channels in 19 blocks; 21: a tail of 5
+@pytest.mark.parametrize("residual", [True, False])  # CPE: x + DWConv(x) with the class row; CRPE's V: DWConv(x)
+def test_depthwise_tokens_gradients_equal_pytorch_convs(windows, residual):
+    convs, x, eager = depthwise_case(windows, residual)
+    grad = torch.randn(2, 1 + 7 * 9 if residual else 7 * 9, x.shape[-1])
+    weights = native.depthwise_weights(convs, differentiable=True)
+    out = model_module.DepthwiseTokens.apply(x, weights.weight, weights.bias, weights.block_windows, (7, 9), residual)
+    params = [x] + [p for conv in convs for p in (conv.weight, conv.bias)]
+    got = torch.autograd.grad(out, params, grad)
+    expected_out = eager(x)
+    expected = torch.autograd.grad(expected_out, params, grad)
+    torch.testing.assert_close(out, expected_out, atol=1e-5, rtol=1e-5)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, atol=1e-4, rtol=1e-5)
+
+
+@needs_native
+def test_depthwise_tokens_double_backward_equals_pytorch_convs():
+    """A gradient penalty (create_graph=True) differentiates the eager ops: second-order gradients as PyTorch's."""
+    results = []
+    for native_op in (True, False):
+        convs, x, eager = depthwise_case([(3, 16), (5, 24)], True)
+        if native_op:
+            weights = native.depthwise_weights(convs, differentiable=True)
+            out = model_module.DepthwiseTokens.apply(x, weights.weight, weights.bias, weights.block_windows, (7, 9),
+                                                     True)
+        else:
+            out = eager(x)
+        (grad_x,) = torch.autograd.grad(out.square().sum(), x, create_graph=True)
+        params = [p for conv in convs for p in (conv.weight, conv.bias)]
+        results.append(torch.autograd.grad(grad_x.square().sum(), params))
+    for g, e in zip(*results):  # values up to ~1e4: float32 rounding relative to the largest
+        torch.testing.assert_close(g, e, atol=1e-6 * e.abs().max().item(), rtol=1e-5)
+
+
+@needs_native
+def test_dwconv_weight_grad_is_deterministic_and_checks_its_input():
+    convs, x, _ = depthwise_case([(3, 16), (7, 24)], False)
+    weights = native.depthwise_weights(convs)
+    grad = torch.randn(2, 7 * 9, 40)
+    first = native.dwconv_weight_grad(x.detach()[:, 1:], grad, weights, (7, 9))
+    assert torch.equal(first, native.dwconv_weight_grad(x.detach()[:, 1:], grad, weights, (7, 9)))
+    assert torch.equal(first[0, :, :16], torch.zeros(7, 16))  # the 3x3 channels' padded taps get 0
+    with pytest.raises(ValueError, match="expected float32 CPU tokens"):
+        native.dwconv_weight_grad(x.detach()[:, 1:], grad[:, :5], weights, (7, 9))
+
+
+@needs_native
+@pytest.mark.parametrize("name", ["coat_lite_tiny", "coat_tiny"])
+def test_training_runs_the_native_convolutions_with_pytorchs_gradients(monkeypatch, name):
+    """A training step's gradients with the native depthwise kernels (forward and backward) against PyTorch's
+    convolutions; every CPE and CRPE takes them (the class-token shortcut skips the last block's CRPE)."""
+    torch.manual_seed(0)
+    model = coatvit.create_model(name).train()
+    x = torch.randn(2, 3, 64, 48)
+    grad_calls = count_calls(monkeypatch, "dwconv_weight_grad")
+    grads = []
+    for enabled in (True, False):
+        monkeypatch.setattr(model_module.DepthwiseTokens, "enabled", enabled)
+        model.zero_grad()
+        model(x).square().sum().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+        if enabled:
+            assert len(grad_calls) == {"coat_lite_tiny": 8 + 7, "coat_tiny": 8 + 8 + 6 * 3 + 5 * 3}[name]
+    assert len(grad_calls) == {"coat_lite_tiny": 8 + 7, "coat_tiny": 8 + 8 + 6 * 3 + 5 * 3}[name]
+    for n in grads[1]:
+        torch.testing.assert_close(grads[0][n], grads[1][n], atol=1e-4, rtol=1e-4, msg=n)
 
 
 @needs_native

@@ -23,9 +23,9 @@ classifier that pools the class token computes only the class-token rows of its 
 outputs match the reference to about 1e-6, not bit for bit (tests/test_fast_path.py). Where a layer has been
 replaced (dynamic int8 quantization, a LoRA wrapper) or carries hooks, the fast path calls it instead of reading its
 weights (`called_as_built`). In CPU fp32 inference the CPE and CRPE convolutions with the sums around them, and
-the attention products, run as native kernels (`coatvit.native`, built with the system's C compiler at
-first use). On the meta device
-(MAC counting) and under torch.func transforms the reference path runs. Measured, on a CPU the
+the attention products, and the parallel blocks' co-scale sums run as native kernels (`coatvit.native`, built with
+the system's C compiler at first use). On the meta device (MAC counting) and under torch.func transforms the
+reference path runs. Measured, on a CPU the
 fast path's lead over timm's port comes mostly from writing less freshly mapped memory (BENCHMARKS.md, "Where the
 CPU lead comes from"). On a GPU the attention (forward and backward), the LayerNorms (inference) and, under
 autocast, a block's whole MLP sub-layer (inference, `Mlp.residual`) can run as Triton kernels instead
@@ -185,6 +185,81 @@ def as_tokens(feat: torch.Tensor) -> torch.Tensor:
     return feat.permute(0, 2, 3, 1).flatten(1, 2)  # (B, H*W, C)
 
 
+def native_training(x: torch.Tensor, convs) -> bool:
+    """Whether `DepthwiseTokens` (the native depthwise kernel, forward and backward) may stand in for the depthwise
+    `convs` on tokens x while autograd records: CPU float32, outside autocast, graph capture and torch.func, the
+    convs called as built and of a kind the kernel computes, the kernels on and built."""
+    if capturing_graph() or not torch.is_grad_enabled():  # first: a graph being recorded sees no more of this
+        return False
+    return (DepthwiseTokens.enabled and x.device.type == "cpu" and x.dtype == torch.float32 and x.stride(-1) == 1
+            and not torch.is_autocast_enabled("cpu") and not functorch_active() and called_as_built(*convs)
+            and native.depthwise_ok(list(convs)) and native.available())
+
+
+class DepthwiseTokens(torch.autograd.Function):
+    """CPU training: a depthwise convolution of tokens x (B, N, C), forward and backward with the native kernels.
+
+    `residual` (CPE): (B, N, C) out, the class row passed through and x + DWConv(x) on the image tokens; else (CRPE's
+    V): DWConv of x's image tokens, (B, H*W, C). The weights come in the kernel's layout (K, K, C), built from the
+    convs' parameters by ops autograd records (`native.depthwise_weights(..., differentiable=True)`). Backward: the
+    input gradient is the same kernel with the taps flipped (plus the gradient itself where `residual`), the weight
+    gradient `native.dwconv_weight_grad`, the bias gradient a sum. Eager, the convolutions need the tokens copied to
+    a map per window, the outputs concatenated back, and oneDNN's depthwise backward is slow on small maps. A
+    backward that builds a graph (`create_graph=True`) differentiates the eager ops instead.
+    """
+
+    enabled = True  # False: CPU training runs PyTorch's convolutions
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, block_windows, size: Size, residual: bool):
+        img = x[:, 1:]
+        weights = native.DepthwiseWeights(weight, bias, block_windows, weight.shape[0])
+        if residual:
+            out = x.new_empty(x.shape)
+            out[:, :1] = x[:, :1]
+            native.dwconv_tokens(img, weights, size, add=img, dst=out[:, 1:])
+        else:
+            out = x.new_empty(img.shape)
+            native.dwconv_tokens(img, weights, size, add=None, dst=out)
+        ctx.save_for_backward(x, weight, bias)
+        ctx.block_windows, ctx.size, ctx.residual = block_windows, size, residual
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, bias = ctx.saved_tensors
+        needs = ctx.needs_input_grad[:3]
+        if torch.is_grad_enabled():  # create_graph: gradients as ops autograd can differentiate again
+            inputs = [t for t, need in zip((x, weight, bias), needs) if need]
+            y = DepthwiseTokens.eager(x, weight, bias, ctx.size, ctx.residual)
+            grads = iter(torch.autograd.grad(y, inputs, grad, create_graph=True))
+            return (*(next(grads) if need else None for need in needs), None, None, None)
+        grad = grad if grad.stride(-1) == 1 else grad.contiguous()
+        g_img = grad[:, 1:] if ctx.residual else grad
+        K = weight.shape[0]
+        grad_x = grad_w = grad_b = None
+        if needs[0]:
+            flipped = native.DepthwiseWeights(weight.flip(0, 1).contiguous(), torch.zeros_like(bias),
+                                              ctx.block_windows, K)
+            grad_x = x.new_empty(x.shape)
+            grad_x[:, :1] = grad[:, :1] if ctx.residual else 0
+            native.dwconv_tokens(g_img, flipped, ctx.size, add=g_img if ctx.residual else None, dst=grad_x[:, 1:])
+        if needs[1]:
+            grad_w = native.dwconv_weight_grad(x[:, 1:], g_img, native.DepthwiseWeights(weight, bias,
+                                                                                       ctx.block_windows, K), ctx.size)
+        if needs[2]:
+            grad_b = g_img.sum((0, 1))
+        return grad_x, grad_w, grad_b, None, None, None
+
+    @staticmethod
+    def eager(x, weight, bias, size: Size, residual: bool) -> torch.Tensor:
+        """The forward pass as PyTorch ops (for double backward)."""
+        img = x[:, 1:]
+        conv = F.conv2d(as_channels_last(img, size), weight.permute(2, 0, 1).unsqueeze(1), bias,
+                        padding=weight.shape[0] // 2, groups=x.shape[-1])
+        return torch.cat((x[:, :1], img + as_tokens(conv)), dim=1) if residual else as_tokens(conv)
+
+
 class ConvPosEnc(nn.Module):
     """CPE: image tokens x <- x + DWConv3x3(x); the class token is passed through untouched."""
 
@@ -210,6 +285,9 @@ class ConvPosEnc(nn.Module):
                 else:
                     torch.add(img, as_tokens(self.proj(as_channels_last(img, size))), out=out[:, 1:])
                 return out
+            if native_training(x, [self.proj]):  # forward and backward natively, no concatenation
+                weights = native.depthwise_weights([self.proj], differentiable=True)
+                return DepthwiseTokens.apply(x, weights.weight, weights.bias, weights.block_windows, size, True)
             pos = as_tokens(self.proj(as_channels_last(img, size)))  # (B, H*W, C)
             return torch.cat((cls_token, img + pos), dim=1)  # (B, N, C)
         feat = img.transpose(1, 2).reshape(B, C, H, W)  # (B, C, H, W)
@@ -267,6 +345,9 @@ class ConvRelPosEnc(nn.Module):
 
     def conv_tokens(self, v: torch.Tensor, size: Size) -> torch.Tensor:
         """Fast path: DWConv(V_img) of a token-layout v (B, N, C), as tokens (B, H*W, C) (a channels-last view)."""
+        if native_training(v, self.conv_list):  # forward and backward natively, v read in place
+            weights = native.depthwise_weights(list(self.conv_list), differentiable=True)
+            return DepthwiseTokens.apply(v, weights.weight, weights.bias, weights.block_windows, size, False)
         v_img = as_channels_last(v[:, 1:], size)  # (B, C, H, W), channels-last view of the qkv output
         if (torch.is_grad_enabled() and not self.merge_under_autograd) or not called_as_built(*self.conv_list):
             v_img = self.conv_per_window(v_img, torch.channels_last)

@@ -1,6 +1,6 @@
 """Native CPU kernels: C compiled at first use with the system's C compiler, called through ctypes.
 
-Two kernels (csrc/cpu_kernels.c), each in place of a chain of eager ops:
+Three kernels (csrc/cpu_kernels.c), each in place of a chain of eager ops:
 
 - `dwconv_tokens`: CoaT's depthwise convolutions are a few percent of its MACs but, on a CPU, cost far more than
   that: oneDNN spends about 60 us per call on a small map, the CRPE's v is copied out of the qkv projection into a
@@ -12,12 +12,21 @@ Two kernels (csrc/cpu_kernels.c), each in place of a chain of eager ops:
   heads (8 and 16 channels) run as one masked (C x C) product per image, 8x and 4x the MACs. The kernel reads q, k,
   v in place from the projection, keeps softmax(K) and V in per-image scratch, computes each head's own products and
   writes the (B, N, C) output.
+- `mix_tokens`: a parallel block's co-scale sum for one scale, x + a + resize(a_t) + resize(a_u), where the eager
+  ops copy each source's image tokens to a channels-last map, interpolate, concatenate the class token back and add
+  three times, each a fresh tensor. The kernel reads the sources' tokens in place, takes PyTorch's bilinear taps
+  (align_corners=False) and writes the sum once.
 
 Measured per module and per model in BENCHMARKS.md (benchmarks/native_kernels.py, `coatvit benchmark --vs
 ours-no-native`).
 
-When they run: CPU float32 inference (nothing for autograd to record), outside torch.compile, torch.export and
-tracing (those see the eager ops), when `COATVIT_NATIVE` is not 0/false/no/off (`set_enabled` overrides it) and
+Training takes the depthwise convolutions too, forward and backward (`coatvit.model.DepthwiseTokens`): the input
+gradient is `dwconv_tokens` with the taps flipped, the weight gradient `dwconv_weight_grad`, a reduction over the
+tokens per tap into per-thread buffers added in thread order.
+
+When they run: CPU float32 inference (nothing for autograd to record) and, for the depthwise convolutions, CPU
+float32 training outside autocast; outside torch.compile, torch.export, tracing and torch.func transforms (those
+see the eager ops), when `COATVIT_NATIVE` is not 0/false/no/off (`set_enabled` overrides it) and
 the library could be built (Linux, with GCC or Clang). The first use compiles it (about 0.2 s) into
 `$COATVIT_CACHE/native` (default `~/.cache/coatvit/native`), named by a hash of the source, compiler and flags, so
 later processes load it directly. With no C compiler (`$CC`, else cc, gcc or clang on the PATH) the eager ops
@@ -143,6 +152,8 @@ def library() -> ctypes.CDLL | None:
     lib.factor_attention.restype = i
     lib.mix_tokens.argtypes = [ptr, n, n, ptr, n, n, ptr, n, n, i, i, ptr, n, n, i, i, ptr, n, n, i, i, i, i, i]
     lib.mix_tokens.restype = None
+    lib.dwconv_weight_grad.argtypes = [ptr, n, n, ptr, n, n, ptr, i, i, i, i, i, ptr, i]
+    lib.dwconv_weight_grad.restype = i
     return lib
 
 
@@ -161,51 +172,79 @@ class DepthwiseWeights(NamedTuple):
     window: int
 
 
-def depthwise_weights(convs: list[torch.nn.Conv2d]) -> DepthwiseWeights | None:
-    """The depthwise convolutions `convs`, side by side over the channels (CRPE's windows, or CPE's one conv), in
-    `dwconv_tokens`' layout; None unless each is a float32 CPU 'same' depthwise conv of an odd square window
-    (stride 1, no dilation, zero padding of half the window), the only kind the kernel computes."""
-    windows = []
+def depthwise_ok(convs: list[torch.nn.Conv2d]) -> bool:
+    """Whether each conv is one the kernel computes: a float32 CPU 'same' depthwise conv of an odd square window
+    (stride 1, no dilation, zero padding of half the window)."""
     for conv in convs:
         k = conv.kernel_size[0]
         if (conv.kernel_size != (k, k) or k % 2 == 0 or conv.stride != (1, 1) or conv.dilation != (1, 1)
                 or conv.padding != (k // 2, k // 2) or conv.padding_mode != "zeros"
                 or conv.groups != conv.in_channels or conv.out_channels != conv.in_channels
                 or conv.weight.dtype != torch.float32 or conv.weight.device.type != "cpu"):
-            return None
-        windows += [k] * conv.out_channels
+            return False
+    return bool(convs)
+
+
+def depthwise_weights(convs: list[torch.nn.Conv2d], differentiable: bool = False) -> DepthwiseWeights | None:
+    """The depthwise convolutions `convs`, side by side over the channels (CRPE's windows, or CPE's one conv), in
+    `dwconv_tokens`' layout; None unless `depthwise_ok(convs)`. `differentiable`: weight and bias are computed from
+    the parameters by ops autograd records (training), else from detached parameters."""
+    if not depthwise_ok(convs):
+        return None
+    windows = [k for conv in convs for k in [conv.kernel_size[0]] * conv.out_channels]
     window = max(windows)
-    parts = [torch.nn.functional.pad(conv.weight.detach(), [(window - conv.kernel_size[0]) // 2] * 4)
-             for conv in convs]  # (c, 1, K, K) each, zero-padded to the largest window
+    params = [(conv.weight, conv.bias) if differentiable else (conv.weight.detach(), conv.bias)
+              for conv in convs]
+    parts = [torch.nn.functional.pad(w, [(window - w.shape[-1]) // 2] * 4)
+             for w, _ in params]  # (c, 1, K, K) each, zero-padded to the largest window
     weight = torch.cat(parts)[:, 0].permute(1, 2, 0).contiguous()  # (K, K, C)
-    bias = torch.cat([conv.bias.detach() if conv.bias is not None else conv.weight.new_zeros(conv.out_channels)
-                      for conv in convs])
+    bias = torch.cat([(b if differentiable else b.detach()) if b is not None else w.new_zeros(w.shape[0])
+                      for w, b in params])
     blocks = [max(windows[c:c + 8]) for c in range(0, len(windows) - len(windows) % 8, 8)]
     return DepthwiseWeights(weight, bias.contiguous(), torch.tensor(blocks, dtype=torch.int32), window)
 
 
-def dwconv_tokens(src: torch.Tensor, weights: DepthwiseWeights, size: tuple[int, int], add: torch.Tensor,
+def dwconv_tokens(src: torch.Tensor, weights: DepthwiseWeights, size: tuple[int, int], add: torch.Tensor | None,
                   dst: torch.Tensor, mul: torch.Tensor | None = None) -> None:
-    """dst = add + mul * DWConv(src) (mul None: 1) over image tokens (B, H*W, C), each a float32 CPU tensor whose
-    channels are contiguous (token and batch strides may be anything, views of a wider projection included).
-    `dst` may be `add` itself (an in-place sum) but must not overlap `src` or `mul`."""
+    """dst = add + mul * DWConv(src) (mul None: 1, add None: 0) over image tokens (B, H*W, C), each a float32 CPU
+    tensor whose channels are contiguous (token and batch strides may be anything, views of a wider projection
+    included). `dst` may be `add` itself (an in-place sum) but must not overlap `src` or `mul`."""
     B, N, C = src.shape
     H, W = size
     if N != H * W or weights.weight.shape[-1] != C:
         raise ValueError(f"dwconv_tokens: expected (B, {H * W}, {weights.weight.shape[-1]}) tokens for a {H}x{W} "
                          f"grid, got {tuple(src.shape)}")
-    tensors = [src, add, dst] + ([] if mul is None else [mul])
+    tensors = [t for t in (src, add, dst, mul) if t is not None]
     if any(t.shape != src.shape or t.dtype != torch.float32 or t.device.type != "cpu" or t.stride(-1) != 1
            for t in tensors):
         raise ValueError("dwconv_tokens: src, add, dst and mul must be float32 CPU tensors of one shape with "
                          "contiguous channels")
     if B == 0 or N == 0:
         return
-    m = (None, 0, 0) if mul is None else (mul.data_ptr(), mul.stride(0), mul.stride(1))
+    m, a = ((None, 0, 0) if t is None else (t.data_ptr(), t.stride(0), t.stride(1)) for t in (mul, add))
     library().dwconv_tokens(src.data_ptr(), src.stride(0), src.stride(1), weights.weight.data_ptr(),
                             weights.bias.data_ptr(), weights.block_windows.data_ptr(), weights.window, C, B, H, W,
-                            *m, add.data_ptr(), add.stride(0), add.stride(1), dst.data_ptr(), dst.stride(0),
-                            dst.stride(1), torch.get_num_threads())
+                            *m, *a, dst.data_ptr(), dst.stride(0), dst.stride(1), torch.get_num_threads())
+
+
+def dwconv_weight_grad(src: torch.Tensor, grad: torch.Tensor, weights: DepthwiseWeights,
+                       size: tuple[int, int]) -> torch.Tensor:
+    """The gradient of `dwconv_tokens`' convolution weights (K, K, C) for an output gradient `grad` over image tokens
+    (B, H*W, C), `src` the convolution's input, both float32 CPU tensors with contiguous channels. Taps outside a
+    block of 8 channels' own window (a merged kernel's zero padding) get 0."""
+    B, N, C = src.shape
+    H, W = size
+    K = weights.window
+    if (N != H * W or grad.shape != src.shape or weights.weight.shape[-1] != C
+            or any(t.dtype != torch.float32 or t.device.type != "cpu" or t.stride(-1) != 1 for t in (src, grad))):
+        raise ValueError(f"dwconv_weight_grad: expected float32 CPU tokens (B, {H * W}, {C}) with contiguous channels "
+                         f"for src and grad, got {tuple(src.shape)} and {tuple(grad.shape)}")
+    out = src.new_empty(K, K, C)
+    if library().dwconv_weight_grad(src.data_ptr(), src.stride(0), src.stride(1), grad.data_ptr(), grad.stride(0),
+                                    grad.stride(1), weights.block_windows.data_ptr(), K, C, B, H, W, out.data_ptr(),
+                                    torch.get_num_threads()):
+        raise MemoryError(f"dwconv_weight_grad: no memory for {torch.get_num_threads()} buffers of {K}x{K}x{C}")
+    return out
 
 
 # widest head `factor_attention` serves: CoaT's widest (coat_lite_medium's 64 channels), as far as it is tested
@@ -257,3 +296,4 @@ def mix_tokens(x: torch.Tensor, a: torch.Tensor, sources: list[tuple[torch.Tenso
                              s2.stride(1), *size2, out.data_ptr(), out.stride(0), out.stride(1), B, H, W, C,
                              torch.get_num_threads())
     return out
+

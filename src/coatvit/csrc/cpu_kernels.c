@@ -4,6 +4,9 @@
 #include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 #ifdef __AVX2__
 #include <immintrin.h>
 #endif
@@ -29,14 +32,15 @@ static inline v8 conv1(const float *s, long ts, const float *w, int K, int C, in
 
 static inline void emit(float *d, const float *a, const float *m, int c, v8 acc)
 {
-    st(d + c, m ? ld(a + c) + ld(m + c) * acc : ld(a + c) + acc);
+    const v8 term = m ? ld(m + c) * acc : acc;
+    st(d + c, a ? ld(a + c) + term : term);
 }
 
 /* Depthwise convolution over the image tokens of CoaT's (B, N, C) token layout, with the sum it feeds fused in:
 
    dst[b, p, c] = add[b, p, c] + mul[b, p, c] * (bias[c] + sum over taps of w[ky, kx, c] * src[b, p', c])
 
-   over each image's H x W grid, zero-padded; mul NULL means 1. CPE is dst = x + DWConv3x3(x) (add = src); CRPE
+   over each image's H x W grid, zero-padded; mul NULL means 1, add NULL means 0. CPE is dst = x + DWConv3x3(x) (add = src); CRPE
    adds Q * DWConv(V) to the attention's output in place (add = dst, mul = q, src = v, read straight from the qkv
    projection's output). Channels are contiguous; token and batch strides count floats. The weights are (K, K, C)
    with the largest window K; channels c..c+7 (block c/8) use the centred kb[c/8] x kb[c/8] taps, so a block of
@@ -57,6 +61,7 @@ void dwconv_tokens(const float *src, long src_bs, long src_ts,
         const int y = (int)(row % H);
         const float *s = src + b * src_bs;
         const float *mb = mul ? mul + b * mul_bs : NULL;
+        const float *ab = add ? add + b * add_bs : NULL;
         for (int j = 0; j < nblk; ++j) {
             const int c = j * 8;
             const int r = kb[j] / 2;
@@ -66,7 +71,7 @@ void dwconv_tokens(const float *src, long src_bs, long src_ts,
             for (; x < W; ++x) {
                 if (x >= r && x + 3 + r < W) break;  /* four whole-width windows from here */
                 const long p = (long)y * W + x;
-                emit(dst + b * dst_bs + p * dst_ts, add + b * add_bs + p * add_ts, mb ? mb + p * mul_ts : NULL, c,
+                emit(dst + b * dst_bs + p * dst_ts, ab ? ab + p * add_ts : NULL, mb ? mb + p * mul_ts : NULL, c,
                      bv + conv1(s, src_ts, w, K, C, c, r, y, x, H, W));
             }
             for (; x + 3 + r < W; x += 4) {
@@ -84,16 +89,16 @@ void dwconv_tokens(const float *src, long src_bs, long src_ts,
                 }
                 const long p = (long)y * W + x;
                 float *d = dst + b * dst_bs + p * dst_ts;
-                const float *a = add + b * add_bs + p * add_ts;
+                const float *a = ab ? ab + p * add_ts : NULL;
                 const float *m = mb ? mb + p * mul_ts : NULL;
                 emit(d, a, m, c, a0);
-                emit(d + dst_ts, a + add_ts, m ? m + mul_ts : NULL, c, a1);
-                emit(d + 2 * dst_ts, a + 2 * add_ts, m ? m + 2 * mul_ts : NULL, c, a2);
-                emit(d + 3 * dst_ts, a + 3 * add_ts, m ? m + 3 * mul_ts : NULL, c, a3);
+                emit(d + dst_ts, a ? a + add_ts : NULL, m ? m + mul_ts : NULL, c, a1);
+                emit(d + 2 * dst_ts, a ? a + 2 * add_ts : NULL, m ? m + 2 * mul_ts : NULL, c, a2);
+                emit(d + 3 * dst_ts, a ? a + 3 * add_ts : NULL, m ? m + 3 * mul_ts : NULL, c, a3);
             }
             for (; x < W; ++x) {
                 const long p = (long)y * W + x;
-                emit(dst + b * dst_bs + p * dst_ts, add + b * add_bs + p * add_ts, mb ? mb + p * mul_ts : NULL, c,
+                emit(dst + b * dst_bs + p * dst_ts, ab ? ab + p * add_ts : NULL, mb ? mb + p * mul_ts : NULL, c,
                      bv + conv1(s, src_ts, w, K, C, c, r, y, x, H, W));
             }
         }
@@ -110,11 +115,82 @@ void dwconv_tokens(const float *src, long src_bs, long src_ts,
                         acc += w[((long)ky * K + kx) * C + c] * s[((long)iy * W + ix) * src_ts + c];
                     }
                 }
-                dst[b * dst_bs + p * dst_ts + c] = add[b * add_bs + p * add_ts + c]
+                dst[b * dst_bs + p * dst_ts + c] = (ab ? ab[p * add_ts + c] : 0.0f)
                                                    + (mul ? mul[b * mul_bs + p * mul_ts + c] : 1.0f) * acc;
             }
         }
     }
+}
+
+/* The weight gradient of `dwconv_tokens`' convolution (training): for each tap (ky, kx) of channel c,
+
+   gw[ky, kx, c] = sum over images b and pixels p of g[b, p, c] * src[b, p shifted by (ky - K/2, kx - K/2), c]
+
+   (zero outside the grid), only over the taps inside each block of 8 channels' own window kb[c/8] (the padded
+   zeros of a merged kernel get 0); gw is (K, K, C). Rows (b, y) are split among the threads, each summing into a
+   buffer of its own; the buffers are then added in thread order, so a result depends on the thread count only.
+   Returns 0, or -1 when the buffers could not be had (gw is then unwritten). */
+int dwconv_weight_grad(const float *src, long src_bs, long src_ts, const float *g, long g_bs, long g_ts,
+                       const int *kb, int K, int C, int B, int H, int W, float *gw, int threads)
+{
+    const int P = K / 2;
+    const int nblk = C / 8;
+    const size_t size = (size_t)K * K * C;
+    if (threads < 1) threads = 1;
+    float *bufs = calloc((size_t)threads * size, sizeof(float));
+    if (!bufs) return -1;
+    #pragma omp parallel num_threads(threads)
+    {
+        float *acc = bufs;
+#ifdef _OPENMP
+        acc += (size_t)omp_get_thread_num() * size;
+#endif
+        #pragma omp for schedule(static)
+        for (long row = 0; row < (long)B * H; ++row) {
+            const long b = row / H;
+            const int y = (int)(row % H);
+            const float *gr = g + b * g_bs + (long)y * W * g_ts;  /* this row's gradient */
+            for (int j = 0; j < nblk; ++j) {
+                const int c = j * 8, r = kb[j] / 2;
+                for (int dy = -r; dy <= r; ++dy) {
+                    const int iy = y + dy;
+                    if (iy < 0 || iy >= H) continue;
+                    const float *sr = src + b * src_bs + (long)iy * W * src_ts;
+                    for (int dx = -r; dx <= r; ++dx) {
+                        const int x0 = dx < 0 ? -dx : 0, x1 = dx > 0 ? W - dx : W;
+                        v8 sum[2] = {{0}, {0}};  /* two independent chains */
+                        int x = x0;
+                        for (; x + 1 < x1; x += 2) {
+                            sum[0] += ld(gr + (long)x * g_ts + c) * ld(sr + (long)(x + dx) * src_ts + c);
+                            sum[1] += ld(gr + (long)(x + 1) * g_ts + c) * ld(sr + (long)(x + 1 + dx) * src_ts + c);
+                        }
+                        if (x < x1) sum[0] += ld(gr + (long)x * g_ts + c) * ld(sr + (long)(x + dx) * src_ts + c);
+                        float *t = acc + ((long)(dy + P) * K + dx + P) * C + c;
+                        st(t, ld(t) + (sum[0] + sum[1]));
+                    }
+                }
+            }
+            for (int c = nblk * 8; c < C; ++c)  /* channels past the last whole block of 8: the full K x K window */
+                for (int dy = -P; dy <= P; ++dy) {
+                    const int iy = y + dy;
+                    if (iy < 0 || iy >= H) continue;
+                    const float *sr = src + b * src_bs + (long)iy * W * src_ts;
+                    for (int dx = -P; dx <= P; ++dx) {
+                        float sum = 0.0f;
+                        for (int x = dx < 0 ? -dx : 0; x < (dx > 0 ? W - dx : W); ++x)
+                            sum += gr[(long)x * g_ts + c] * sr[(long)(x + dx) * src_ts + c];
+                        acc[((long)(dy + P) * K + dx + P) * C + c] += sum;
+                    }
+                }
+        }
+    }
+    for (size_t i = 0; i < size; ++i) {
+        float sum = 0.0f;
+        for (int t = 0; t < threads; ++t) sum += bufs[(size_t)t * size + i];
+        gw[i] = sum;
+    }
+    free(bufs);
+    return 0;
 }
 
 typedef int v8i __attribute__((vector_size(32)));
