@@ -287,9 +287,11 @@ def test_dwconv_weight_grad_is_deterministic_and_checks_its_input():
     convs, x, _ = depthwise_case([(3, 16), (7, 24)], False)
     weights = native.depthwise_weights(convs)
     grad = torch.randn(2, 7 * 9, 40)
-    first = native.dwconv_weight_grad(x.detach()[:, 1:], grad, weights, (7, 9))
-    assert torch.equal(first, native.dwconv_weight_grad(x.detach()[:, 1:], grad, weights, (7, 9)))
-    assert torch.equal(first[0, :, :16], torch.zeros(7, 16))  # the 3x3 channels' padded taps get 0
+    first_w, first_b = native.dwconv_weight_grad(x.detach()[:, 1:], grad, weights, (7, 9))
+    again_w, again_b = native.dwconv_weight_grad(x.detach()[:, 1:], grad, weights, (7, 9))
+    assert torch.equal(first_w, again_w) and torch.equal(first_b, again_b)
+    assert torch.equal(first_w[0, :, :16], torch.zeros(7, 16))  # the 3x3 channels' padded taps get 0
+    torch.testing.assert_close(first_b, grad.sum((0, 1)), atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="expected float32 CPU tokens"):
         native.dwconv_weight_grad(x.detach()[:, 1:], grad[:, :5], weights, (7, 9))
 

@@ -244,12 +244,10 @@ class DepthwiseTokens(torch.autograd.Function):
             grad_x = x.new_empty(x.shape)
             grad_x[:, :1] = grad[:, :1] if ctx.residual else 0
             native.dwconv_tokens(g_img, flipped, ctx.size, add=g_img if ctx.residual else None, dst=grad_x[:, 1:])
-        if needs[1]:
-            grad_w = native.dwconv_weight_grad(x[:, 1:], g_img, native.DepthwiseWeights(weight, bias,
-                                                                                       ctx.block_windows, K), ctx.size)
-        if needs[2]:
-            grad_b = g_img.sum((0, 1))
-        return grad_x, grad_w, grad_b, None, None, None
+        if needs[1] or needs[2]:  # the bias gradient in the same pass (a sum over a strided view is slow)
+            grad_w, grad_b = native.dwconv_weight_grad(x[:, 1:], g_img, native.DepthwiseWeights(
+                weight, bias, ctx.block_windows, K), ctx.size)
+        return grad_x, grad_w if needs[1] else None, grad_b if needs[2] else None, None, None, None
 
     @staticmethod
     def eager(x, weight, bias, size: Size, residual: bool) -> torch.Tensor:

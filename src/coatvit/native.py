@@ -152,7 +152,7 @@ def library() -> ctypes.CDLL | None:
     lib.factor_attention.restype = i
     lib.mix_tokens.argtypes = [ptr, n, n, ptr, n, n, ptr, n, n, i, i, ptr, n, n, i, i, ptr, n, n, i, i, i, i, i]
     lib.mix_tokens.restype = None
-    lib.dwconv_weight_grad.argtypes = [ptr, n, n, ptr, n, n, ptr, i, i, i, i, i, ptr, i]
+    lib.dwconv_weight_grad.argtypes = [ptr, n, n, ptr, n, n, ptr, i, i, i, i, i, ptr, ptr, i]
     lib.dwconv_weight_grad.restype = i
     return lib
 
@@ -195,11 +195,11 @@ def depthwise_weights(convs: list[torch.nn.Conv2d], differentiable: bool = False
     window = max(windows)
     params = [(conv.weight, conv.bias) if differentiable else (conv.weight.detach(), conv.bias)
               for conv in convs]
-    parts = [torch.nn.functional.pad(w, [(window - w.shape[-1]) // 2] * 4)
+    parts = [w if w.shape[-1] == window else torch.nn.functional.pad(w, [(window - w.shape[-1]) // 2] * 4)
              for w, _ in params]  # (c, 1, K, K) each, zero-padded to the largest window
-    weight = torch.cat(parts)[:, 0].permute(1, 2, 0).contiguous()  # (K, K, C)
-    bias = torch.cat([(b if differentiable else b.detach()) if b is not None else w.new_zeros(w.shape[0])
-                      for w, b in params])
+    weight = (torch.cat(parts) if len(parts) > 1 else parts[0])[:, 0].permute(1, 2, 0).contiguous()  # (K, K, C)
+    biases = [(b if differentiable else b.detach()) if b is not None else w.new_zeros(w.shape[0]) for w, b in params]
+    bias = torch.cat(biases) if len(biases) > 1 else biases[0]
     blocks = [max(windows[c:c + 8]) for c in range(0, len(windows) - len(windows) % 8, 8)]
     return DepthwiseWeights(weight, bias.contiguous(), torch.tensor(blocks, dtype=torch.int32), window)
 
@@ -228,10 +228,10 @@ def dwconv_tokens(src: torch.Tensor, weights: DepthwiseWeights, size: tuple[int,
 
 
 def dwconv_weight_grad(src: torch.Tensor, grad: torch.Tensor, weights: DepthwiseWeights,
-                       size: tuple[int, int]) -> torch.Tensor:
-    """The gradient of `dwconv_tokens`' convolution weights (K, K, C) for an output gradient `grad` over image tokens
-    (B, H*W, C), `src` the convolution's input, both float32 CPU tensors with contiguous channels. Taps outside a
-    block of 8 channels' own window (a merged kernel's zero padding) get 0."""
+                       size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gradients of `dwconv_tokens`' convolution weights (K, K, C) and bias (C,) for an output gradient `grad`
+    over image tokens (B, H*W, C), `src` the convolution's input, both float32 CPU tensors with contiguous channels.
+    Taps outside a block of 8 channels' own window (a merged kernel's zero padding) get 0."""
     B, N, C = src.shape
     H, W = size
     K = weights.window
@@ -239,12 +239,12 @@ def dwconv_weight_grad(src: torch.Tensor, grad: torch.Tensor, weights: Depthwise
             or any(t.dtype != torch.float32 or t.device.type != "cpu" or t.stride(-1) != 1 for t in (src, grad))):
         raise ValueError(f"dwconv_weight_grad: expected float32 CPU tokens (B, {H * W}, {C}) with contiguous channels "
                          f"for src and grad, got {tuple(src.shape)} and {tuple(grad.shape)}")
-    out = src.new_empty(K, K, C)
+    grad_w, grad_b = src.new_empty(K, K, C), src.new_empty(C)
     if library().dwconv_weight_grad(src.data_ptr(), src.stride(0), src.stride(1), grad.data_ptr(), grad.stride(0),
-                                    grad.stride(1), weights.block_windows.data_ptr(), K, C, B, H, W, out.data_ptr(),
-                                    torch.get_num_threads()):
+                                    grad.stride(1), weights.block_windows.data_ptr(), K, C, B, H, W,
+                                    grad_w.data_ptr(), grad_b.data_ptr(), torch.get_num_threads()):
         raise MemoryError(f"dwconv_weight_grad: no memory for {torch.get_num_threads()} buffers of {K}x{K}x{C}")
-    return out
+    return grad_w, grad_b
 
 
 # widest head `factor_attention` serves: CoaT's widest (coat_lite_medium's 64 channels), as far as it is tested

@@ -40,9 +40,10 @@ static inline void emit(float *d, const float *a, const float *m, int c, v8 acc)
 
    dst[b, p, c] = add[b, p, c] + mul[b, p, c] * (bias[c] + sum over taps of w[ky, kx, c] * src[b, p', c])
 
-   over each image's H x W grid, zero-padded; mul NULL means 1, add NULL means 0. CPE is dst = x + DWConv3x3(x) (add = src); CRPE
-   adds Q * DWConv(V) to the attention's output in place (add = dst, mul = q, src = v, read straight from the qkv
-   projection's output). Channels are contiguous; token and batch strides count floats. The weights are (K, K, C)
+   over each image's H x W grid, zero-padded; mul NULL means 1, add NULL means 0. CPE is dst = x + DWConv3x3(x)
+   (add = src); CRPE adds Q * DWConv(V) to the attention's output in place (add = dst, mul = q, src = v, read
+   straight from the qkv projection's output); training runs the plain convolution (add NULL) and, for the input
+   gradient, the convolution with the taps flipped. Channels are contiguous; token and batch strides count floats. The weights are (K, K, C)
    with the largest window K; channels c..c+7 (block c/8) use the centred kb[c/8] x kb[c/8] taps, so a block of
    3x3 channels skips the zeros a merged 7x7 kernel would multiply. Four neighbouring pixels share each weight
    load and give four independent chains of multiply-adds. Rows of the grid (b, y) are split among the threads. */
@@ -127,15 +128,16 @@ void dwconv_tokens(const float *src, long src_bs, long src_ts,
    gw[ky, kx, c] = sum over images b and pixels p of g[b, p, c] * src[b, p shifted by (ky - K/2, kx - K/2), c]
 
    (zero outside the grid), only over the taps inside each block of 8 channels' own window kb[c/8] (the padded
-   zeros of a merged kernel get 0); gw is (K, K, C). Rows (b, y) are split among the threads, each summing into a
-   buffer of its own; the buffers are then added in thread order, so a result depends on the thread count only.
-   Returns 0, or -1 when the buffers could not be had (gw is then unwritten). */
+   zeros of a merged kernel get 0); gw is (K, K, C). gb (C floats) gets the bias gradient, the sum of g over
+   images and pixels. Rows (b, y) are split among the threads, each summing into a buffer of its own; the buffers
+   are then added in thread order, so a result depends on the thread count only. Returns 0, or -1 when the
+   buffers could not be had (gw and gb are then unwritten). */
 int dwconv_weight_grad(const float *src, long src_bs, long src_ts, const float *g, long g_bs, long g_ts,
-                       const int *kb, int K, int C, int B, int H, int W, float *gw, int threads)
+                       const int *kb, int K, int C, int B, int H, int W, float *gw, float *gb, int threads)
 {
     const int P = K / 2;
     const int nblk = C / 8;
-    const size_t size = (size_t)K * K * C;
+    const size_t size = (size_t)K * K * C + C;  /* per thread: the taps, then the bias */
     if (threads < 1) threads = 1;
     float *bufs = calloc((size_t)threads * size, sizeof(float));
     if (!bufs) return -1;
@@ -150,6 +152,12 @@ int dwconv_weight_grad(const float *src, long src_bs, long src_ts, const float *
             const long b = row / H;
             const int y = (int)(row % H);
             const float *gr = g + b * g_bs + (long)y * W * g_ts;  /* this row's gradient */
+            float *bias_acc = acc + size - C;
+            for (int x = 0; x < W; ++x) {
+                int c = 0;
+                for (; c + 8 <= C; c += 8) st(bias_acc + c, ld(bias_acc + c) + ld(gr + (long)x * g_ts + c));
+                for (; c < C; ++c) bias_acc[c] += gr[(long)x * g_ts + c];
+            }
             for (int j = 0; j < nblk; ++j) {
                 const int c = j * 8, r = kb[j] / 2;
                 for (int dy = -r; dy <= r; ++dy) {
@@ -187,7 +195,8 @@ int dwconv_weight_grad(const float *src, long src_bs, long src_ts, const float *
     for (size_t i = 0; i < size; ++i) {
         float sum = 0.0f;
         for (int t = 0; t < threads; ++t) sum += bufs[(size_t)t * size + i];
-        gw[i] = sum;
+        if (i < size - C) gw[i] = sum;
+        else gb[i - (size - C)] = sum;
     }
     free(bufs);
     return 0;
