@@ -44,9 +44,10 @@ static inline void emit(float *d, const float *a, const float *m, int c, v8 acc)
    (add = src); CRPE adds Q * DWConv(V) to the attention's output in place (add = dst, mul = q, src = v, read
    straight from the qkv projection's output); training runs the plain convolution (add NULL) and, for the input
    gradient, the convolution with the taps flipped. Channels are contiguous; token and batch strides count floats.
-   The weights are (K, K, C) with the largest window K; channels c..c+7 (block c/8) use the centred kb[c/8] x kb[c/8] taps, so a block of
-   3x3 channels skips the zeros a merged 7x7 kernel would multiply. Four neighbouring pixels share each weight
-   load and give four independent chains of multiply-adds. Rows of the grid (b, y) are split among the threads. */
+   The weights are (K, K, C) with the largest window K; channels c..c+7 (block c/8) use the centred
+   kb[c/8] x kb[c/8] taps, so a block of 3x3 channels skips the zeros a merged 7x7 kernel would multiply. Four
+   neighbouring pixels share each weight load and give four independent chains of multiply-adds. Rows of the grid
+   (b, y) are split among the threads. */
 void dwconv_tokens(const float *src, long src_bs, long src_ts,
                    const float *w, const float *bias, const int *kb, int K, int C,
                    int B, int H, int W,
