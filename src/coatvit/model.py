@@ -203,9 +203,9 @@ class DepthwiseTokens(torch.autograd.Function):
     V): DWConv of x's image tokens, (B, H*W, C). The weights come in the kernel's layout (K, K, C), built from the
     convs' parameters by ops autograd records (`native.depthwise_weights(..., differentiable=True)`). Backward: the
     input gradient is the same kernel with the taps flipped (plus the gradient itself where `residual`), the weight
-    gradient `native.dwconv_weight_grad`, the bias gradient a sum. Eager, the convolutions need the tokens copied to
-    a map per window, the outputs concatenated back, and oneDNN's depthwise backward is slow on small maps. A
-    backward that builds a graph (`create_graph=True`) differentiates the eager ops instead.
+    and bias gradients one pass of `native.dwconv_weight_grad`. Eager, the convolutions need the tokens copied to a
+    map per window, the outputs concatenated back, and oneDNN's depthwise backward is slow on small maps. A backward
+    that builds a graph (`create_graph=True`) differentiates the eager ops instead.
     """
 
     enabled = True  # False: CPU training runs PyTorch's convolutions
@@ -773,11 +773,11 @@ class ParallelBlock(nn.Module):
         """x_s + drop_path(a_s') for each scale s, a' the co-scale sums of the attention outputs (`mix`). In CPU fp32
         inference each scale's sum is one native pass over the token layout (`native.mix_tokens`): no resized
         copies, concatenations or partial sums."""
-        if (self.native_mix and not self.training and use_fast(self, xs[0])
-                and all(native_inference(t) for t in xs + attn)):
+        fast = use_fast(self, xs[0])
+        if self.native_mix and fast and not self.training and all(native_inference(t) for t in xs + attn):
             return [native.mix_tokens(x, attn[i], [(attn[j], sizes[j]) for j in others], sizes[i])
                     for i, (x, others) in enumerate(zip(xs, self.mix_order))]
-        resize = resize_tokens_fast if use_fast(self, xs[0]) else resize_tokens
+        resize = resize_tokens_fast if fast else resize_tokens
         mixed = self.mix(attn, lambda a, j, i: resize(a, sizes[j], sizes[i]))
         return [x + self.drop_path(a) for x, a in zip(xs, mixed)]
 
