@@ -13,7 +13,9 @@ a few images at a time at large batches (`coatvit.model.images_per_chunk`: 6 ima
 x_s + a_s + resize(a_t) + resize(a_u) (`ParallelBlock.add_mix`), one native pass per scale against the resizes,
 concatenations and adds; its blocks take the whole batch, so batch 16 is the one to add for it. Training: CPE
 and CRPE's DWConv(V) forward and backward (input, weight and bias gradients; v a view of a qkv projection that
-requires grad) through `coatvit.model.DepthwiseTokens` against PyTorch's convolutions (`DepthwiseTokens.enabled`).
+requires grad) through `coatvit.model.DepthwiseTokens` against PyTorch's convolutions (`DepthwiseTokens.enabled`),
+and the attention module forward and backward through `coatvit.model.NativeFactorAttention` against the eager
+products (`NativeFactorAttention.enabled`).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import torch
 
 import coatvit
 from coatvit import native
-from coatvit.model import DepthwiseTokens
+from coatvit.model import DepthwiseTokens, NativeFactorAttention
 
 
 def time_ms(fn, steps: int) -> float:
@@ -126,35 +128,38 @@ def mix_table(args) -> None:
 
 
 def training_table(args) -> None:
-    """CPU training: CPE (x + DWConv(x) with the class row) and CRPE's DWConv(V), forward and backward (input,
-    weight and bias gradients), through `DepthwiseTokens` (native kernels) against PyTorch's convolutions."""
+    """CPU training, forward and backward: CPE (x + DWConv(x) with the class row) and CRPE's DWConv(V) through
+    `DepthwiseTokens` against PyTorch's convolutions; a serial block's attention module without CRPE through
+    `NativeFactorAttention` against the eager products."""
     print("\n| model | batch | stage (C, grid) | CPE fwd+bwd native / eager ms | speedup "
-          "| CRPE conv fwd+bwd native / eager ms | speedup |")
-    print("|---|---|---|---|---|---|---|")
+          "| CRPE conv fwd+bwd native / eager ms | speedup | attention fwd+bwd native / eager ms | speedup |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for name in args.models:
         model = coatvit.create_model(name).train()
         for batch in args.batch_sizes:
             for i, C, N, size, cpe, crpe in stages(model, args.img_size):
                 side = size[0]
+                attn = getattr(model, f"serial_blocks{i + 1}")[0].factoratt_crpe
                 x = torch.randn(batch, N, C, requires_grad=True)
                 qkv = torch.randn(batch, N, 3 * C, requires_grad=True)
                 v = qkv.unflatten(-1, (3, C))[:, :, 2]
                 grads = torch.randn(batch, N, C), torch.randn(batch, N - 1, C)
                 steps = max(2, 24 // batch)
-                samples = {on: {"cpe": [], "crpe": []} for on in (True, False)}
+                runs = {"cpe": lambda: cpe(x, size).backward(grads[0]),
+                        "crpe": lambda: crpe.conv_tokens(v, size).backward(grads[1]),
+                        "attn": lambda: attn(x, size, None).backward(grads[0])}
+                samples = {on: {key: [] for key in runs} for on in (True, False)}
                 for r in range(args.repeats):
                     for on in ((True, False) if r % 2 == 0 else (False, True)):
-                        DepthwiseTokens.enabled = on
-                        for key, run in (("cpe", lambda: cpe(x, size).backward(grads[0])),
-                                         ("crpe", lambda: crpe.conv_tokens(v, size).backward(grads[1]))):
+                        DepthwiseTokens.enabled = NativeFactorAttention.enabled = on
+                        for key, run in runs.items():
                             run()  # warm-up
                             samples[on][key].append(time_ms(run, steps))
-                DepthwiseTokens.enabled = True
+                DepthwiseTokens.enabled = NativeFactorAttention.enabled = True
                 med = {on: {k: statistics.median(v) for k, v in s.items()} for on, s in samples.items()}
-                print(f"| {name} | {batch} | {i + 1} ({C}, {side}x{side}) | {med[True]['cpe']:.3f} / "
-                      f"{med[False]['cpe']:.3f} | {med[False]['cpe'] / med[True]['cpe']:.2f}x | "
-                      f"{med[True]['crpe']:.3f} / {med[False]['crpe']:.3f} | "
-                      f"{med[False]['crpe'] / med[True]['crpe']:.2f}x |")
+                print(f"| {name} | {batch} | {i + 1} ({C}, {side}x{side}) | "
+                      + " | ".join(f"{med[True][k]:.3f} / {med[False][k]:.3f} | {med[False][k] / med[True][k]:.2f}x"
+                                   for k in runs) + " |")
 
 
 if __name__ == "__main__":

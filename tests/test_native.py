@@ -298,24 +298,63 @@ def test_dwconv_weight_grad_is_deterministic_and_checks_its_input():
 
 @needs_native
 @pytest.mark.parametrize("name", ["coat_lite_tiny", "coat_tiny"])
-def test_training_runs_the_native_convolutions_with_pytorchs_gradients(monkeypatch, name):
-    """A training step's gradients with the native depthwise kernels (forward and backward) against PyTorch's
-    convolutions; every CPE and CRPE takes them (the class-token shortcut skips the last block's CRPE)."""
+def test_training_runs_the_native_kernels_with_pytorchs_gradients(monkeypatch, name):
+    """A training step's gradients with the native depthwise and attention kernels (forward and backward) against
+    PyTorch's ops; every CPE and CRPE takes them (the class-token shortcut skips the last block's CRPE), and every
+    block's attention but the last one's (its class-token row only)."""
     torch.manual_seed(0)
     model = coatvit.create_model(name).train()
     x = torch.randn(2, 3, 64, 48)
     grad_calls = count_calls(monkeypatch, "dwconv_weight_grad")
+    attention_calls = count_calls(monkeypatch, "factor_attention_backward")
     grads = []
     for enabled in (True, False):
         monkeypatch.setattr(model_module.DepthwiseTokens, "enabled", enabled)
+        monkeypatch.setattr(model_module.NativeFactorAttention, "enabled", enabled)
         model.zero_grad()
         model(x).square().sum().backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
-        if enabled:
-            assert len(grad_calls) == {"coat_lite_tiny": 8 + 7, "coat_tiny": 8 + 8 + 6 * 3 + 5 * 3}[name]
-    assert len(grad_calls) == {"coat_lite_tiny": 8 + 7, "coat_tiny": 8 + 8 + 6 * 3 + 5 * 3}[name]
+        assert len(grad_calls) == {"coat_lite_tiny": 8 + 7, "coat_tiny": 8 + 8 + 6 * 3 + 5 * 3}[name]
+        assert len(attention_calls) == {"coat_lite_tiny": 7, "coat_tiny": 8 + 5 * 3}[name]
     for n in grads[1]:
         torch.testing.assert_close(grads[0][n], grads[1][n], atol=1e-4, rtol=1e-4, msg=n)
+
+
+@needs_native
+@pytest.mark.parametrize("batch", [1, 3])  # fewer images than threads: passes split; more: images split
+@pytest.mark.parametrize("tokens, channels, heads", [(785, 152, 8), (50, 320, 8), (3137, 64, 8), (130, 72, 4),
+                                                     (13, 40, 8), (3, 24, 1), (1, 16, 2)])
+def test_factor_attention_backward_equals_autograd(batch, tokens, channels, heads):
+    """Heads of 19, 40, 8, 18, 5, 24 and 8 channels; q, k, v as views of a wider projection output."""
+    torch.manual_seed(0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        wide = torch.randn(batch, tokens, 3 * channels + 8) * 3
+        qkv = wide[..., :3 * channels].requires_grad_()
+        grad = torch.randn(batch, tokens, channels)
+        scale = (channels // heads) ** -0.5
+        (expected,) = torch.autograd.grad(attention_reference(qkv, heads, scale), qkv, grad)
+        got = native.factor_attention_backward(qkv.detach(), grad, heads, scale)
+        torch.testing.assert_close(got, expected, atol=1e-4 * expected.abs().max().item(), rtol=1e-4)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@needs_native
+def test_native_attention_double_backward_and_input_checks():
+    torch.manual_seed(0)
+    data = torch.randn(2, 37, 3 * 40)
+    results = []
+    for native_op in (True, False):
+        qkv = data.clone().requires_grad_()
+        out = (model_module.NativeFactorAttention.apply(qkv, 8, 0.4) if native_op
+               else attention_reference(qkv, 8, 0.4))
+        (grad,) = torch.autograd.grad(out.square().sum(), qkv, create_graph=True)
+        results.append(torch.autograd.grad(grad.square().sum(), qkv)[0])
+    torch.testing.assert_close(results[0], results[1], atol=1e-5 * results[1].abs().max().item(), rtol=1e-4)
+    with pytest.raises(ValueError, match="factor_attention_backward"):
+        native.factor_attention_backward(torch.randn(1, 5, 3 * 16), torch.randn(1, 4, 16), 2, 0.3)
 
 
 @needs_native

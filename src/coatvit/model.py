@@ -24,8 +24,9 @@ outputs match the reference to about 1e-6, not bit for bit (tests/test_fast_path
 replaced (dynamic int8 quantization, a LoRA wrapper) or carries hooks, the fast path calls it instead of reading its
 weights (`called_as_built`). In CPU fp32 inference the CPE and CRPE convolutions with the sums around them, and
 the attention products, and the parallel blocks' co-scale sums run as native kernels (`coatvit.native`, built with
-the system's C compiler at first use). On the meta device (MAC counting) and under torch.func transforms the
-reference path runs. Measured, on a CPU the
+the system's C compiler at first use), and in CPU fp32 training the depthwise convolutions and the attention
+products do, forward and backward (`DepthwiseTokens`, `NativeFactorAttention`). On the meta device (MAC counting)
+and under torch.func transforms the reference path runs. Measured, on a CPU the
 fast path's lead over timm's port comes mostly from writing less freshly mapped memory (BENCHMARKS.md, "Where the
 CPU lead comes from"). On a GPU the attention (forward and backward), the LayerNorms (inference) and, under
 autocast, a block's whole MLP sub-layer (inference, `Mlp.residual`) can run as Triton kernels instead
@@ -185,15 +186,52 @@ def as_tokens(feat: torch.Tensor) -> torch.Tensor:
     return feat.permute(0, 2, 3, 1).flatten(1, 2)  # (B, H*W, C)
 
 
-def native_training(x: torch.Tensor, convs) -> bool:
-    """Whether `DepthwiseTokens` (the native depthwise kernel, forward and backward) may stand in for the depthwise
-    `convs` on tokens x while autograd records: CPU float32, outside autocast, graph capture and torch.func, the
-    convs called as built and of a kind the kernel computes, the kernels on and built."""
+def native_training(x: torch.Tensor, *modules: nn.Module) -> bool:
+    """Whether native kernels with a backward (`DepthwiseTokens`, `NativeFactorAttention`) may stand in for
+    `modules` on tokens x while autograd records: CPU float32 with contiguous channels, outside autocast, graph
+    capture and torch.func, the modules called as built, the kernels on and built."""
     if capturing_graph() or not torch.is_grad_enabled():  # first: a graph being recorded sees no more of this
         return False
-    return (DepthwiseTokens.enabled and x.device.type == "cpu" and x.dtype == torch.float32 and x.stride(-1) == 1
-            and not torch.is_autocast_enabled("cpu") and not functorch_active() and called_as_built(*convs)
-            and native.depthwise_ok(list(convs)) and native.available())
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and x.stride(-1) == 1
+            and not torch.is_autocast_enabled("cpu") and not functorch_active() and called_as_built(*modules)
+            and native.available())
+
+
+def native_depthwise_training(x: torch.Tensor, convs) -> bool:
+    """`native_training` for depthwise convs of a kind the kernel computes, `DepthwiseTokens` enabled."""
+    return native_training(x, *convs) and DepthwiseTokens.enabled and native.depthwise_ok(list(convs))
+
+
+class NativeFactorAttention(torch.autograd.Function):
+    """CPU training: the factorized attention's products `native.factor_attention(qkv, heads, scale)`, backward
+    with `native.factor_attention_backward` (the softmax and contexts recomputed per image, dq, dk, dv written side
+    by side into one (B, N, 3C) gradient: no head permutes, and narrow heads without the masked product's MACs). A
+    backward that builds a graph (`create_graph=True`) differentiates the eager ops instead."""
+
+    enabled = True  # False: CPU training runs the attention products as PyTorch ops
+
+    @staticmethod
+    def forward(ctx, qkv, heads: int, scale: float):
+        ctx.save_for_backward(qkv)
+        ctx.heads, ctx.scale = heads, scale
+        return native.factor_attention(qkv, heads, scale)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (qkv,) = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph: gradients as ops autograd can differentiate again
+            return torch.autograd.grad(NativeFactorAttention.eager(qkv, ctx.heads, ctx.scale), qkv, grad,
+                                       create_graph=True)[0], None, None
+        grad = grad if grad.stride(-1) == 1 else grad.contiguous()
+        return native.factor_attention_backward(qkv, grad, ctx.heads, ctx.scale), None, None
+
+    @staticmethod
+    def eager(qkv: torch.Tensor, heads: int, scale: float) -> torch.Tensor:
+        """The forward pass as PyTorch ops (for double backward)."""
+        B, N, C3 = qkv.shape
+        q, k, v = qkv.reshape(B, N, 3, heads, C3 // (3 * heads)).permute(2, 0, 3, 1, 4).unbind(0)  # (B, h, N, Ch)
+        out = scale * (q @ (k.softmax(dim=2).transpose(-1, -2) @ v))  # (B, h, N, Ch)
+        return out.transpose(1, 2).reshape(B, N, C3 // 3)
 
 
 class DepthwiseTokens(torch.autograd.Function):
@@ -283,7 +321,7 @@ class ConvPosEnc(nn.Module):
                 else:
                     torch.add(img, as_tokens(self.proj(as_channels_last(img, size))), out=out[:, 1:])
                 return out
-            if native_training(x, [self.proj]):  # forward and backward natively, no concatenation
+            if native_depthwise_training(x, [self.proj]):  # forward and backward natively, no concatenation
                 weights = native.depthwise_weights([self.proj], differentiable=True)
                 return DepthwiseTokens.apply(x, weights.weight, weights.bias, weights.block_windows, size, True)
             pos = as_tokens(self.proj(as_channels_last(img, size)))  # (B, H*W, C)
@@ -343,7 +381,7 @@ class ConvRelPosEnc(nn.Module):
 
     def conv_tokens(self, v: torch.Tensor, size: Size) -> torch.Tensor:
         """Fast path: DWConv(V_img) of a token-layout v (B, N, C), as tokens (B, H*W, C) (a channels-last view)."""
-        if native_training(v, self.conv_list):  # forward and backward natively, v read in place
+        if native_depthwise_training(v, self.conv_list):  # forward and backward natively, v read in place
             weights = native.depthwise_weights(list(self.conv_list), differentiable=True)
             return DepthwiseTokens.apply(v, weights.weight, weights.bias, weights.block_windows, size, False)
         v_img = as_channels_last(v[:, 1:], size)  # (B, C, H, W), channels-last view of the qkv output
@@ -408,9 +446,14 @@ class FactorAttnConvRelPosEnc(nn.Module):
                 return self.proj(out)
         qkv = self.qkv(x)  # (B, N, 3C)
         q, k, v = qkv.unflatten(-1, (3, C)).unbind(2)  # (B, N, C) views, heads side by side
-        if self.native_heads and native.factor_attention_ok(C, h) and native_inference(x, self.qkv):
-            out = native.factor_attention(qkv, h, self.scale)  # (B, N, C): per-head products, no head permutes
-            return self.proj(out if crpe is None else crpe.add_to(out, q, v, size))
+        if self.native_heads and native.factor_attention_ok(C, h):
+            out = None
+            if native_inference(x, self.qkv):
+                out = native.factor_attention(qkv, h, self.scale)  # (B, N, C): per-head products, no head permutes
+            elif native_training(qkv, self.qkv) and NativeFactorAttention.enabled:
+                out = NativeFactorAttention.apply(qkv, h, self.scale)  # the same, backward natively too
+            if out is not None:
+                return self.proj(out if crpe is None else crpe.add_to(out, q, v, size))
         k = k.softmax(dim=1)  # (B, N, C); softmax over all N tokens per channel
         if C // h >= self.per_head_min_channels:
             context = self.head_context(k, v)

@@ -1,6 +1,6 @@
 """Native CPU kernels: C compiled at first use with the system's C compiler, called through ctypes.
 
-Three kernels (csrc/cpu_kernels.c), each in place of a chain of eager ops:
+Three inference kernels (csrc/cpu_kernels.c), each in place of a chain of eager ops:
 
 - `dwconv_tokens`: CoaT's depthwise convolutions are a few percent of its MACs but, on a CPU, cost far more than
   that: oneDNN spends about 60 us per call on a small map, the CRPE's v is copied out of the qkv projection into a
@@ -20,12 +20,14 @@ Three kernels (csrc/cpu_kernels.c), each in place of a chain of eager ops:
 Measured per module and per model in BENCHMARKS.md (benchmarks/native_kernels.py, `coatvit benchmark --vs
 ours-no-native`).
 
-Training takes the depthwise convolutions too, forward and backward (`coatvit.model.DepthwiseTokens`): the input
-gradient is `dwconv_tokens` with the taps flipped, the weight gradient `dwconv_weight_grad`, a reduction over the
-tokens per tap into per-thread buffers added in thread order.
+Training takes the depthwise convolutions and the attention products too, forward and backward
+(`coatvit.model.DepthwiseTokens`, `coatvit.model.NativeFactorAttention`): the convolutions' input gradient is
+`dwconv_tokens` with the taps flipped, their weight and bias gradients `dwconv_weight_grad` (a reduction over the
+tokens per tap into per-thread buffers added in thread order); `factor_attention_backward` recomputes an image's
+softmax and contexts and writes dq, dk, dv side by side into one qkv gradient, with the forward's tiled products.
 
-When they run: CPU float32 inference (nothing for autograd to record) and, for the depthwise convolutions, CPU
-float32 training outside autocast; outside torch.compile, torch.export, tracing and torch.func transforms (those
+When they run: CPU float32 inference (nothing for autograd to record) and, but for the co-scale mix, CPU float32
+training outside autocast; outside torch.compile, torch.export, tracing and torch.func transforms (those
 see the eager ops), when `COATVIT_NATIVE` is not 0/false/no/off (`set_enabled` overrides it) and
 the library could be built (Linux, with GCC or Clang). The first use compiles it (about 0.2 s) into
 `$COATVIT_CACHE/native` (default `~/.cache/coatvit/native`), named by a hash of the source, compiler and flags, so
@@ -154,6 +156,8 @@ def library() -> ctypes.CDLL | None:
     lib.mix_tokens.restype = None
     lib.dwconv_weight_grad.argtypes = [ptr, n, n, ptr, n, n, ptr, i, i, i, i, i, ptr, ptr, i]
     lib.dwconv_weight_grad.restype = i
+    lib.factor_attention_backward.argtypes = [ptr, n, n, i, i, i, i, ctypes.c_float, ptr, n, n, ptr, n, n, i]
+    lib.factor_attention_backward.restype = i
     return lib
 
 
@@ -273,6 +277,26 @@ def factor_attention(qkv: torch.Tensor, heads: int, scale: float) -> torch.Tenso
                                                   scale, out.data_ptr(), out.stride(0), out.stride(1),
                                                   torch.get_num_threads()):
         raise MemoryError(f"factor_attention: no memory for the scratch of {N} tokens")
+    return out
+
+
+def factor_attention_backward(qkv: torch.Tensor, grad: torch.Tensor, heads: int, scale: float) -> torch.Tensor:
+    """The gradient of `factor_attention(qkv, heads, scale)` with respect to qkv, a fresh (B, N, 3C), for the output
+    gradient `grad` (B, N, C); both float32 CPU tensors with contiguous rows. The softmax and the contexts are
+    recomputed from qkv."""
+    B, N, C3 = qkv.shape
+    C = C3 // 3
+    if (grad.shape != (B, N, C) or grad.dtype != torch.float32 or grad.device.type != "cpu" or grad.stride(-1) != 1
+            or qkv.dtype != torch.float32 or qkv.device.type != "cpu" or qkv.stride(-1) != 1 or C3 % 3
+            or not factor_attention_ok(C, heads)):
+        raise ValueError(f"factor_attention_backward: expected a float32 CPU (B, N, 3C) projection and a (B, N, C) "
+                         f"gradient with contiguous rows, got {tuple(qkv.shape)} and {tuple(grad.shape)} for "
+                         f"{heads} heads")
+    out = qkv.new_empty(B, N, C3)
+    if out.numel() and library().factor_attention_backward(
+            qkv.data_ptr(), qkv.stride(0), qkv.stride(1), B, N, C, heads, scale, grad.data_ptr(), grad.stride(0),
+            grad.stride(1), out.data_ptr(), out.stride(0), out.stride(1), torch.get_num_threads()):
+        raise MemoryError(f"factor_attention_backward: no memory for the scratch of {N} tokens")
     return out
 
 

@@ -285,28 +285,32 @@ static void softmax_pass(const attention_t *a, int c0, int c1)  /* channels [c0,
     for (int c = c0; c < c1; c += 8) st(a->inv + c, splat(a->scale) / ld(a->inv + c));  /* each sum >= exp(0) */
 }
 
-static void context_pass(const attention_t *a, int h0, int h1)  /* heads [h0, h1) */
+/* M_h[i][j] = rs[o + i] * sum over tokens n of A[n, o + i] B[n, o + j] for the heads [h0, h1) (o = h ch; rs NULL:
+   1), each M_h ch x chp floats, rows chp apart. Rows of A are a_ts floats apart, of B b_ts; reads run up to 8
+   floats past a head's last channel in B (a padded scratch copy) and 3 in A. */
+static void context_products(const attention_t *a, const float *A, long a_ts, const float *B, long b_ts,
+                             const float *rs, float *M, int h0, int h1)
 {
-    const int ch = a->ch, chp = a->chp, nv = a->nv, cs = a->cs;
+    const int ch = a->ch, chp = a->chp, nv = a->nv;
     for (int h = h0; h < h1; ++h) {
-        float *cx = a->ctx + (long)h * ch * chp;
+        float *cx = M + (long)h * ch * chp;
         const int o = h * ch;
         if (nv == 1) {  /* heads of up to 8 channels: one tile of 8 rows x 8 channels */
             v8 acc[8];
             for (int r = 0; r < 8; ++r) acc[r] = splat(0.0f);
-            const float *e = a->E + o, *vv = a->V + o;
-            for (int n = 0; n < a->N; ++n, e += cs, vv += cs) {
+            const float *e = A + o, *vv = B + o;
+            for (int n = 0; n < a->N; ++n, e += a_ts, vv += b_ts) {
                 const v8 v0 = ld(vv);
                 for (int r = 0; r < 8; ++r) acc[r] += splat(e[r]) * v0;
             }
-            for (int r = 0; r < ch; ++r) st(cx + (long)r * chp, acc[r] * a->inv[o + r]);
+            for (int r = 0; r < ch; ++r) st(cx + (long)r * chp, acc[r] * (rs ? rs[o + r] : 1.0f));
             continue;
         }
         for (int c1 = 0; c1 < ch; c1 += 4)
             for (int j = 0; j < nv; j += 2) {
                 v8 a00 = splat(0.0f), a01 = a00, a10 = a00, a11 = a00, a20 = a00, a21 = a00, a30 = a00, a31 = a00;
-                const float *e = a->E + o + c1, *vv = a->V + o + 8 * j;
-                for (int n = 0; n < a->N; ++n, e += cs, vv += cs) {
+                const float *e = A + o + c1, *vv = B + o + 8 * j;
+                for (int n = 0; n < a->N; ++n, e += a_ts, vv += b_ts) {
                     const v8 v0 = ld(vv), v1 = ld(vv + 8);
                     const v8 w0 = splat(e[0]), w1 = splat(e[1]), w2 = splat(e[2]), w3 = splat(e[3]);
                     a00 += w0 * v0; a01 += w0 * v1;
@@ -317,40 +321,47 @@ static void context_pass(const attention_t *a, int h0, int h1)  /* heads [h0, h1
                 const v8 acc[4][2] = {{a00, a01}, {a10, a11}, {a20, a21}, {a30, a31}};
                 for (int r = 0; r < 4 && c1 + r < ch; ++r)
                     for (int b = 0; b < 2 && j + b < nv; ++b)
-                        st(cx + (long)(c1 + r) * chp + 8 * (j + b), acc[r][b] * a->inv[o + c1 + r]);
+                        st(cx + (long)(c1 + r) * chp + 8 * (j + b), acc[r][b] * (rs ? rs[o + c1 + r] : 1.0f));
             }
     }
 }
 
-static void output_pass(const attention_t *a, int n_begin, int n_end)  /* tokens [n_begin, n_end) */
+static void context_pass(const attention_t *a, int h0, int h1)  /* heads [h0, h1) */
+{
+    context_products(a, a->E, a->cs, a->V, a->cs, a->inv, a->ctx, h0, h1);
+}
+
+/* out[n, o + j] = sum over i of A[n, o + i] M_h[i][j] for the tokens [n_begin, n_end) and every head h (o = h ch,
+   M_h as `context_products` writes it); rows of A are ts floats apart, of out o_ts. */
+static void tile_products(const attention_t *a, const float *A, long ts, const float *M, float *out, long o_ts,
+                          int n_begin, int n_end)
 {
     const int ch = a->ch, chp = a->chp, nv = a->nv;
-    const long ts = a->ts;
     if (nv == 1) {  /* heads of up to 8 channels: tiles of 8 tokens x 8 channels */
         for (int n0 = n_begin; n0 < n_end; n0 += 8) {
             const int toks = n_end - n0 < 8 ? n_end - n0 : 8;
             long rows[8];
             for (int r = 0; r < 8; ++r) rows[r] = (r < toks ? r : 0) * ts;  /* a short tile repeats its first row */
-            const float *q = a->qkv + n0 * ts;
+            const float *q = A + n0 * ts;
             for (int h = 0; h < a->heads; ++h) {
-                const float *cx = a->ctx + (long)h * ch * chp, *qh = q + h * ch;
+                const float *cx = M + (long)h * ch * chp, *qh = q + h * ch;
                 v8 acc[8];
                 for (int r = 0; r < 8; ++r) acc[r] = splat(0.0f);
                 for (int c1 = 0; c1 < ch; ++c1) {
                     const v8 c0 = ld(cx + (long)c1 * chp);
                     for (int r = 0; r < 8; ++r) acc[r] += splat(qh[rows[r] + c1]) * c0;
                 }
-                for (int r = 0; r < toks; ++r) st_part(a->out + (n0 + r) * a->ots + h * ch, acc[r], ch);
+                for (int r = 0; r < toks; ++r) st_part(out + (n0 + r) * o_ts + h * ch, acc[r], ch);
             }
         }
         return;
     }
     for (int n0 = n_begin; n0 < n_end; n0 += 4) {  /* a last tile of fewer tokens reads its first row again */
         const int toks = n_end - n0 < 4 ? n_end - n0 : 4;
-        const float *q = a->qkv + n0 * ts;
+        const float *q = A + n0 * ts;
         const long t1 = toks > 1 ? ts : 0, t2 = toks > 2 ? 2 * ts : 0, t3 = toks > 3 ? 3 * ts : 0;
         for (int h = 0; h < a->heads; ++h) {
-            const float *cx = a->ctx + (long)h * ch * chp;
+            const float *cx = M + (long)h * ch * chp;
             const int o = h * ch;
             for (int j = 0; j < nv; j += 2) {
                 v8 a00 = splat(0.0f), a01 = a00, a10 = a00, a11 = a00, a20 = a00, a21 = a00, a30 = a00, a31 = a00;
@@ -367,11 +378,16 @@ static void output_pass(const attention_t *a, int n_begin, int n_end)  /* tokens
                 for (int r = 0; r < toks; ++r)
                     for (int b = 0; b < 2 && j + b < nv; ++b) {
                         const int c = 8 * (j + b);
-                        st_part(a->out + (n0 + r) * a->ots + o + c, acc[r][b], ch - c < 8 ? ch - c : 8);
+                        st_part(out + (n0 + r) * o_ts + o + c, acc[r][b], ch - c < 8 ? ch - c : 8);
                     }
             }
         }
     }
+}
+
+static void output_pass(const attention_t *a, int n_begin, int n_end)  /* tokens [n_begin, n_end) */
+{
+    tile_products(a, a->qkv, a->ts, a->ctx, a->out, a->ots, n_begin, n_end);
 }
 
 /* scratch floats of one image: E, V, the contexts (and 16 floats a last tile may read past them), mx, inv */
@@ -392,6 +408,16 @@ static attention_t attention_setup(const float *qkv, long ts, int N, int C, int 
     a.mx = a.ctx + (size_t)heads * a.ch * a.chp + 16;
     a.inv = a.mx + C;
     return a;
+}
+
+/* One image's softmax and contexts, the passes split among the threads of the enclosing parallel region (channels,
+   then heads; each loop ends in a barrier). */
+static void shared_context_passes(const attention_t *a)
+{
+    #pragma omp for schedule(static)
+    for (int c = 0; c < a->C; c += 8) softmax_pass(a, c, c + 8);
+    #pragma omp for schedule(dynamic)
+    for (int h = 0; h < a->heads; ++h) context_pass(a, h, h + 1);
 }
 
 /* The factorized attention of a batch: with at least as many images as threads, images split among the threads
@@ -425,10 +451,7 @@ int factor_attention(const float *qkv, long bs, long ts, int B, int N, int C, in
         const attention_t a = attention_setup(qkv + b * bs, ts, N, C, heads, scale, out + b * obs, ots, scratch);
         #pragma omp parallel num_threads(threads)
         {
-            #pragma omp for schedule(static)
-            for (int c = 0; c < C; c += 8) softmax_pass(&a, c, c + 8);
-            #pragma omp for schedule(dynamic)
-            for (int h = 0; h < heads; ++h) context_pass(&a, h, h + 1);
+            shared_context_passes(&a);
             #pragma omp for schedule(static)
             for (int n = 0; n < N; n += 64) output_pass(&a, n, n + 64 < N ? n + 64 : N);
         }
@@ -515,4 +538,139 @@ void mix_tokens(const float *x, long x_bs, long x_ts, const float *a, long a_bs,
             }
         }
     }
+}
+
+/* The factorized attention's backward (CPU training). With ctx = scale * E^T V per head (E = softmax over the
+   tokens of K) and out = Q ctx, for the output gradient g:
+     dctx = Q^T g,  dQ = g ctx^T,  dV = scale * E dctx,  G = V dctx^T,
+     dK = E * (scale * G - sum over tokens of (E * scale * G))     (the softmax's backward, per channel),
+   in terms of the forward's state in `a` (unnormalized exp(k - max) in E, inv = scale / sum):
+     dV = (E inv) dctx,  dK = inv E (G - S inv / scale),  S = sum over tokens of E G.
+   dq, dk, dv go side by side into the qkv gradient d (rows dts floats apart). Each step works on a range of
+   tokens, heads or channels, so that one image's backward can be split among threads. */
+typedef struct {
+    const float *g;
+    long gts, dts;
+    float *d, *gp, *dctx, *ctxT, *dctxT, *dctxI, *S;  /* gp: g, then G, with padded rows (a->cs floats apart) */
+} attention_grad_t;
+
+static void grad_copy_pass(const attention_t *a, const attention_grad_t *b, int n0, int n1)  /* tokens */
+{
+    for (int n = n0; n < n1; ++n) {
+        float *r = b->gp + (long)n * a->cs;
+        memcpy(r, b->g + n * b->gts, sizeof(float) * a->C);
+        memset(r + a->C, 0, sizeof(float) * 8);
+    }
+}
+
+static void grad_matrix_pass(const attention_t *a, const attention_grad_t *b, int h0, int h1)  /* heads */
+{
+    const int ch = a->ch, chp = a->chp;
+    context_products(a, a->qkv, a->ts, b->gp, a->cs, NULL, b->dctx, h0, h1);  /* dctx = Q^T g */
+    for (int h = h0; h < h1; ++h) {
+        const long m = (long)h * ch * chp;
+        const float *cx = a->ctx + m, *dc = b->dctx + m;
+        float *ct = b->ctxT + m, *dt = b->dctxT + m, *di = b->dctxI + m;
+        memset(ct, 0, sizeof(float) * ch * chp);
+        memset(dt, 0, sizeof(float) * ch * chp);
+        memset(di, 0, sizeof(float) * ch * chp);
+        for (int i = 0; i < ch; ++i)
+            for (int j = 0; j < ch; ++j) {
+                ct[(long)j * chp + i] = cx[(long)i * chp + j];
+                dt[(long)j * chp + i] = dc[(long)i * chp + j];
+                di[(long)i * chp + j] = a->inv[h * ch + i] * dc[(long)i * chp + j];
+            }
+    }
+}
+
+static void grad_token_pass(const attention_t *a, const attention_grad_t *b, int n0, int n1)  /* tokens */
+{
+    tile_products(a, b->g, b->gts, b->ctxT, b->d, b->dts, n0, n1);                 /* dq = g ctx^T */
+    tile_products(a, a->V, a->cs, b->dctxT, b->gp, a->cs, n0, n1);                 /* G = V dctx^T (over g's copy) */
+    tile_products(a, a->E, a->cs, b->dctxI, b->d + 2 * a->C, b->dts, n0, n1);      /* dv = (E inv) dctx */
+}
+
+static void grad_key_pass(const attention_t *a, const attention_grad_t *b, int c0, int c1)  /* channels, by 8 */
+{
+    const long cs = a->cs;
+    for (int c = c0; c < c1; c += 8) {
+        v8 sum = splat(0.0f);
+        for (int n = 0; n < a->N; ++n) sum += ld(a->E + n * cs + c) * ld(b->gp + n * cs + c);
+        const v8 inv = ld(a->inv + c), shift = sum * inv / splat(a->scale);
+        for (int n = 0; n < a->N; ++n)
+            st(b->d + n * b->dts + a->C + c, inv * ld(a->E + n * cs + c) * (ld(b->gp + n * cs + c) - shift));
+    }
+}
+
+/* scratch floats of one image's backward beyond the forward's: g's padded copy (then G), dctx and its two
+   transposed or scaled forms */
+static size_t attention_grad_scratch(int N, int C, int heads)
+{
+    const int ch = C / heads, chp = (ch + 7) / 8 * 8;
+    return (size_t)N * (C + 8) + (size_t)4 * heads * ch * chp;
+}
+
+static attention_grad_t attention_grad_setup(const attention_t *a, const float *g, long gts, float *d, long dts,
+                                             float *scratch)
+{
+    const size_t m = (size_t)a->heads * a->ch * a->chp;
+    attention_grad_t b = {g, gts, dts, d, scratch, NULL, NULL, NULL, NULL, NULL};
+    b.dctx = b.gp + (size_t)a->N * a->cs;
+    b.ctxT = b.dctx + m;
+    b.dctxT = b.ctxT + m;
+    b.dctxI = b.dctxT + m;
+    return b;
+}
+
+/* The factorized attention's backward of a batch: dqkv (B, N, 3C; images dbs floats apart) from the projection
+   qkv the forward read and the output gradient g (B, N, C), the forward's softmax and contexts recomputed per
+   image. With at least as many images as threads, images split among the threads; with fewer, each image's
+   passes split among them. Returns 0, or -1 when scratch memory could not be had (dqkv is then incomplete). */
+int factor_attention_backward(const float *qkv, long bs, long ts, int B, int N, int C, int heads, float scale,
+                              const float *g, long gbs, long gts, float *d, long dbs, long dts, int threads)
+{
+    const size_t fwd = attention_scratch(N, C, heads), total = fwd + attention_grad_scratch(N, C, heads);
+    int failed = 0;
+    if (B >= threads) {
+        #pragma omp parallel num_threads(threads) reduction(|:failed)
+        {
+            float *scratch = malloc(sizeof(float) * total);
+            failed = scratch == NULL;
+            #pragma omp for schedule(static)
+            for (long i = 0; i < B; ++i) {
+                if (!scratch) continue;
+                const attention_t a = attention_setup(qkv + i * bs, ts, N, C, heads, scale, NULL, 0, scratch);
+                const attention_grad_t b = attention_grad_setup(&a, g + i * gbs, gts, d + i * dbs, dts,
+                                                                scratch + fwd);
+                softmax_pass(&a, 0, C);
+                context_pass(&a, 0, heads);
+                grad_copy_pass(&a, &b, 0, N);
+                grad_matrix_pass(&a, &b, 0, heads);
+                grad_token_pass(&a, &b, 0, N);
+                grad_key_pass(&a, &b, 0, C);
+            }
+            free(scratch);
+        }
+        return failed ? -1 : 0;
+    }
+    float *scratch = malloc(sizeof(float) * total);
+    if (!scratch) return -1;
+    for (long i = 0; i < B; ++i) {
+        const attention_t a = attention_setup(qkv + i * bs, ts, N, C, heads, scale, NULL, 0, scratch);
+        const attention_grad_t b = attention_grad_setup(&a, g + i * gbs, gts, d + i * dbs, dts, scratch + fwd);
+        #pragma omp parallel num_threads(threads)
+        {
+            shared_context_passes(&a);
+            #pragma omp for schedule(static)
+            for (int n = 0; n < N; n += 64) grad_copy_pass(&a, &b, n, n + 64 < N ? n + 64 : N);
+            #pragma omp for schedule(dynamic)
+            for (int h = 0; h < heads; ++h) grad_matrix_pass(&a, &b, h, h + 1);
+            #pragma omp for schedule(static)
+            for (int n = 0; n < N; n += 64) grad_token_pass(&a, &b, n, n + 64 < N ? n + 64 : N);
+            #pragma omp for schedule(static)
+            for (int c = 0; c < C; c += 8) grad_key_pass(&a, &b, c, c + 8);
+        }
+    }
+    free(scratch);
+    return 0;
 }
