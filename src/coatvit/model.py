@@ -274,17 +274,15 @@ class DepthwiseTokens(torch.autograd.Function):
             return (*(next(grads) if need else None for need in needs), None, None, None)
         grad = grad if grad.stride(-1) == 1 else grad.contiguous()
         g_img = grad[:, 1:] if ctx.residual else grad
-        K = weight.shape[0]
+        weights = native.DepthwiseWeights(weight, bias, ctx.block_windows, weight.shape[0])
         grad_x = grad_w = grad_b = None
         if needs[0]:
-            flipped = native.DepthwiseWeights(weight.flip(0, 1).contiguous(), torch.zeros_like(bias),
-                                              ctx.block_windows, K)
+            flipped = weights._replace(weight=weight.flip(0, 1).contiguous(), bias=torch.zeros_like(bias))
             grad_x = x.new_empty(x.shape)
             grad_x[:, :1] = grad[:, :1] if ctx.residual else 0
             native.dwconv_tokens(g_img, flipped, ctx.size, add=g_img if ctx.residual else None, dst=grad_x[:, 1:])
         if needs[1] or needs[2]:  # the bias gradient in the same pass (a sum over a strided view is slow)
-            grad_w, grad_b = native.dwconv_weight_grad(x[:, 1:], g_img, native.DepthwiseWeights(
-                weight, bias, ctx.block_windows, K), ctx.size)
+            grad_w, grad_b = native.dwconv_weight_grad(x[:, 1:], g_img, weights, ctx.size)
         return grad_x, grad_w if needs[1] else None, grad_b if needs[2] else None, None, None, None
 
     @staticmethod

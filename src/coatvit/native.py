@@ -261,17 +261,23 @@ def factor_attention_ok(channels: int, heads: int) -> bool:
     return channels % 8 == 0 and channels % heads == 0 and channels // heads <= MAX_HEAD_CHANNELS
 
 
+def check_projection(kernel: str, qkv: torch.Tensor, heads: int) -> tuple[int, int, int]:
+    """B, N, C of a qkv projection output (B, N, 3C) the attention kernels read: float32 CPU with contiguous,
+    non-overlapping rows, C and heads as `factor_attention_ok` allows; else a ValueError naming `kernel`."""
+    B, N, C3 = qkv.shape
+    if (qkv.dtype != torch.float32 or qkv.device.type != "cpu" or qkv.stride(-1) != 1 or qkv.stride(1) < C3
+            or C3 % 3 or not factor_attention_ok(C3 // 3, heads)):
+        raise ValueError(f"{kernel}: expected a float32 CPU (B, N, 3C) projection with contiguous rows, C a "
+                         f"multiple of 8 and heads of at most {MAX_HEAD_CHANNELS} channels, got {tuple(qkv.shape)} "
+                         f"{qkv.dtype} (strides {qkv.stride()}) for {heads} heads")
+    return B, N, C3 // 3
+
+
 def factor_attention(qkv: torch.Tensor, heads: int, scale: float) -> torch.Tensor:
     """Per head, Q (scale * softmax over tokens of K)^T V from a qkv projection's output (B, N, 3C) (q, k, v side by
     side, heads side by side in each; a float32 CPU tensor with contiguous rows): a fresh (B, N, C), no head
     permute copied. C and heads as `factor_attention_ok` allows."""
-    B, N, C3 = qkv.shape
-    C = C3 // 3
-    if (qkv.dtype != torch.float32 or qkv.device.type != "cpu" or qkv.stride(-1) != 1 or qkv.stride(1) < C3
-            or C3 % 3 or not factor_attention_ok(C, heads)):
-        raise ValueError(f"factor_attention: expected a float32 CPU (B, N, 3C) projection with contiguous rows, C a "
-                         f"multiple of 8 and heads of at most {MAX_HEAD_CHANNELS} channels, got {tuple(qkv.shape)} "
-                         f"{qkv.dtype} (strides {qkv.stride()}) for {heads} heads")
+    B, N, C = check_projection("factor_attention", qkv, heads)
     out = qkv.new_empty(B, N, C)
     if out.numel() and library().factor_attention(qkv.data_ptr(), qkv.stride(0), qkv.stride(1), B, N, C, heads,
                                                   scale, out.data_ptr(), out.stride(0), out.stride(1),
@@ -284,15 +290,11 @@ def factor_attention_backward(qkv: torch.Tensor, grad: torch.Tensor, heads: int,
     """The gradient of `factor_attention(qkv, heads, scale)` with respect to qkv, a fresh (B, N, 3C), for the output
     gradient `grad` (B, N, C); both float32 CPU tensors with contiguous rows. The softmax and the contexts are
     recomputed from qkv."""
-    B, N, C3 = qkv.shape
-    C = C3 // 3
-    if (grad.shape != (B, N, C) or grad.dtype != torch.float32 or grad.device.type != "cpu" or grad.stride(-1) != 1
-            or qkv.dtype != torch.float32 or qkv.device.type != "cpu" or qkv.stride(-1) != 1 or C3 % 3
-            or not factor_attention_ok(C, heads)):
-        raise ValueError(f"factor_attention_backward: expected a float32 CPU (B, N, 3C) projection and a (B, N, C) "
-                         f"gradient with contiguous rows, got {tuple(qkv.shape)} and {tuple(grad.shape)} for "
-                         f"{heads} heads")
-    out = qkv.new_empty(B, N, C3)
+    B, N, C = check_projection("factor_attention_backward", qkv, heads)
+    if grad.shape != (B, N, C) or grad.dtype != torch.float32 or grad.device.type != "cpu" or grad.stride(-1) != 1:
+        raise ValueError(f"factor_attention_backward: expected a float32 CPU (B, N, C) gradient with contiguous rows "
+                         f"for a {tuple(qkv.shape)} projection, got {tuple(grad.shape)} {grad.dtype}")
+    out = qkv.new_empty(B, N, 3 * C)
     if out.numel() and library().factor_attention_backward(
             qkv.data_ptr(), qkv.stride(0), qkv.stride(1), B, N, C, heads, scale, grad.data_ptr(), grad.stride(0),
             grad.stride(1), out.data_ptr(), out.stride(0), out.stride(1), torch.get_num_threads()):
