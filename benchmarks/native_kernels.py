@@ -15,7 +15,10 @@ concatenations and adds; its blocks take the whole batch, so batch 16 is the one
 and CRPE's DWConv(V) forward and backward (input, weight and bias gradients; v a view of a qkv projection that
 requires grad) through `coatvit.model.DepthwiseTokens` against PyTorch's convolutions (`DepthwiseTokens.enabled`),
 and the attention module forward and backward through `coatvit.model.NativeFactorAttention` against the eager
-products (`NativeFactorAttention.enabled`).
+products (`NativeFactorAttention.enabled`). MLP: a serial block's x + MLP(norm2(x)) with its exact GELU as the
+native kernels (`native.gelu`; in training also `native.gelu_backward_`, the derivative and the GELU from one erf)
+against PyTorch's (`Mlp.native_gelu`), inference in cache-sized chunks and training forward+backward
+(`ChunkedMlp`); the GELU alone on one chunk (2048 x 512) in ns per value.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import torch
 
 import coatvit
 from coatvit import native
-from coatvit.model import DepthwiseTokens, NativeFactorAttention
+from coatvit.model import DepthwiseTokens, Mlp, NativeFactorAttention
 
 
 def time_ms(fn, steps: int) -> float:
@@ -96,6 +99,7 @@ def main() -> None:
                       f"{med[False]['attn'] / med[True]['attn']:.2f}x |")
     mix_table(args)
     training_table(args)
+    mlp_table(args)
 
 
 def mix_table(args) -> None:
@@ -160,6 +164,61 @@ def training_table(args) -> None:
                 print(f"| {name} | {batch} | {i + 1} ({C}, {side}x{side}) | "
                       + " | ".join(f"{med[True][k]:.3f} / {med[False][k]:.3f} | {med[False][k] / med[True][k]:.2f}x"
                                    for k in runs) + " |")
+
+
+def mlp_table(args) -> None:
+    """A serial block's MLP sub-layer per stage, the GELU native or PyTorch's (`Mlp.native_gelu`): inference
+    (`Mlp.residual_in_chunks`) and training forward+backward (`ChunkedMlp`); then the GELU kernels alone."""
+    print("\n| model | batch | stage (C, hidden) | MLP inference native / eager GELU ms | speedup "
+          "| MLP fwd+bwd native / eager GELU ms | speedup |")
+    print("|---|---|---|---|---|---|---|")
+    for name in args.models:
+        model = coatvit.create_model(name)
+        for batch in args.batch_sizes:
+            for i, C, N, size, _, _ in stages(model, args.img_size):
+                block = getattr(model, f"serial_blocks{i + 1}")[0]
+                x = torch.randn(batch, N, C)
+                x_grad = x.clone().requires_grad_()
+                grad = torch.randn(batch, N, C)
+                steps = max(2, 24 // batch)
+
+                def infer():
+                    with torch.no_grad():
+                        block.mlp.residual_in_chunks(x, block.norm2)
+
+                runs = {"infer": infer,
+                        "train": lambda: block.mlp.residual(x_grad, block.norm2, block.drop_path, True).backward(grad)}
+                samples = {on: {key: [] for key in runs} for on in (True, False)}
+                for r in range(args.repeats):
+                    for on in ((True, False) if r % 2 == 0 else (False, True)):
+                        Mlp.native_gelu = on
+                        for key, run in runs.items():
+                            run()  # warm-up
+                            samples[on][key].append(time_ms(run, steps))
+                Mlp.native_gelu = True
+                med = {on: {k: statistics.median(v) for k, v in s.items()} for on, s in samples.items()}
+                print(f"| {name} | {batch} | {i + 1} ({C}, {block.mlp.hidden_features}) | "
+                      + " | ".join(f"{med[True][k]:.3f} / {med[False][k]:.3f} | {med[False][k] / med[True][k]:.2f}x"
+                                   for k in runs) + " |")
+    h, g0 = torch.randn(2048, 512) * 2, torch.randn(2048, 512)
+    g, act = torch.empty_like(g0), torch.empty_like(h)
+    runs = {"GELU: native.gelu / aten.gelu": (lambda: native.gelu(h, out=act),
+                                              lambda: torch.ops.aten.gelu.out(h, out=act)),
+            "GELU backward and GELU: native.gelu_backward_ / aten pair": (
+                lambda: native.gelu_backward_(h, g.copy_(g0), act),
+                lambda: (torch.ops.aten.gelu.out(h, out=act),
+                         torch.ops.aten.gelu_backward.grad_input(g.copy_(g0), h, grad_input=g))),
+            "the gradient's copy (in both above)": (lambda: g.copy_(g0), lambda: g.copy_(g0))}
+    print("\n| one chunk (2048 x 512) | native ns per value | PyTorch ns per value | speedup |")
+    print("|---|---|---|---|")
+    for key, pair in runs.items():
+        samples = ([], [])
+        for r in range(args.repeats):
+            for k in ((0, 1) if r % 2 == 0 else (1, 0)):
+                pair[k]()  # warm-up
+                samples[k].append(time_ms(pair[k], 20) * 1e6 / h.numel())
+        n, e = statistics.median(samples[0]), statistics.median(samples[1])
+        print(f"| {key} | {n:.3f} | {e:.3f} | {e / n:.2f}x |")
 
 
 if __name__ == "__main__":

@@ -116,6 +116,7 @@ def test_mlp_in_several_token_chunks(monkeypatch, in_place):
 @pytest.mark.parametrize("name", ["coat_lite_tiny", "coat_tiny"])
 def test_in_place_mlp_chunks_are_bit_identical_to_calling_the_layers(monkeypatch, name):
     monkeypatch.setattr(model_module.Mlp, "chunk_elements", 300 * 512)  # several chunks per MLP, a short last one
+    monkeypatch.setattr(model_module.Mlp, "native_gelu", False)  # PyTorch's GELU in both: the same kernels
     model = _model(name).eval()
     x = torch.randn(3, 3, *SIZE)
     outputs = []
@@ -127,6 +128,10 @@ def test_in_place_mlp_chunks_are_bit_identical_to_calling_the_layers(monkeypatch
             outputs.append(model(x))  # out= calls escape autocast, so under it the layers run either way
     assert torch.equal(outputs[0], outputs[2]) and torch.equal(outputs[1], outputs[3])
     assert outputs[1].dtype == torch.bfloat16 and not torch.equal(outputs[0], outputs[1].float())
+    monkeypatch.setattr(model_module.Mlp, "in_place_chunks", True)
+    monkeypatch.setattr(model_module.Mlp, "native_gelu", True)  # the native GELU (where built): within 1e-6 each
+    with torch.inference_mode():
+        torch.testing.assert_close(model(x), outputs[0], atol=1e-5, rtol=1e-5)
 
 
 def test_fast_path_with_autograd_in_eval_mode():

@@ -9,6 +9,7 @@ import warnings
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import coatvit
 from coatvit import native
@@ -160,6 +161,45 @@ def test_mix_tokens_says_what_it_takes():
     assert native.mix_tokens(empty, empty, [(empty, (4, 4)), (empty, (4, 4))], (4, 4)).shape == (0, 17, 16)
 
 
+def gelu_case(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """fc1 outputs (37, n) as rows of a wider tensor, their first row with NaN, infinities and values far in the
+    tails, and a gradient for them."""
+    torch.manual_seed(0)
+    h = (torch.randn(37, n + 3) * 4)[:, :n]
+    special = torch.tensor([float("nan"), float("inf"), float("-inf"), -100.0, 100.0, 0.0, -5.5, 5.5])
+    h[0, :min(n, 8)] = special[:n]
+    return h, torch.randn(37, n)
+
+
+@needs_native
+@pytest.mark.parametrize("n", [517, 512, 8, 5, 1])  # 517, 5, 1: tails past the last block of 8
+def test_gelu_kernels_equal_pytorchs(n):
+    h, g = gelu_case(n)
+    expected = F.gelu(h)
+    torch.testing.assert_close(native.gelu(h), expected, atol=2e-6, rtol=1e-6, equal_nan=True)
+    inplace = h.clone()
+    assert native.gelu(inplace, out=inplace) is inplace
+    torch.testing.assert_close(inplace, expected, atol=2e-6, rtol=1e-6, equal_nan=True)
+    expected_grad = torch.ops.aten.gelu_backward(g, h)
+    act = torch.empty(h.shape)
+    torch.testing.assert_close(native.gelu_backward_(h, g.clone(), act), expected_grad, atol=2e-6, rtol=1e-5,
+                               equal_nan=True)
+    torch.testing.assert_close(act, expected, atol=2e-6, rtol=1e-6, equal_nan=True)
+    torch.testing.assert_close(native.gelu_backward_(h, g.clone()), expected_grad, atol=2e-6, rtol=1e-5,
+                               equal_nan=True)
+
+
+@needs_native
+def test_gelu_kernels_say_what_they_take():
+    h = torch.randn(6, 10)
+    for bad in (h.double(), h.t(), h[:, ::2], h[0], torch.randn(6, 11)):
+        with pytest.raises(ValueError, match="gelu.*float32 CPU matrices of one shape with contiguous rows"):
+            native.gelu(h, out=bad) if bad.shape == (6, 11) else native.gelu(bad)
+        with pytest.raises(ValueError, match="gelu_backward_: expected float32 CPU matrices"):
+            native.gelu_backward_(h, bad)
+    assert native.gelu(torch.empty(0, 7)).shape == (0, 7)
+
+
 def count_calls(monkeypatch, kernel: str = "dwconv_tokens") -> list:
     """The first argument's shape of every call of `native.<kernel>` from now on."""
     calls = []
@@ -182,6 +222,7 @@ def test_model_runs_the_native_kernels_with_the_reference_logits(monkeypatch, na
     calls = count_calls(monkeypatch)
     attention_calls = count_calls(monkeypatch, "factor_attention")
     mix_calls = count_calls(monkeypatch, "mix_tokens")
+    gelu_calls = count_calls(monkeypatch, "gelu")
     with torch.no_grad():
         out = model(x)
         assert calls, "the native kernels did not run"
@@ -194,6 +235,9 @@ def test_model_runs_the_native_kernels_with_the_reference_logits(monkeypatch, na
     assert len(attention_calls) == {"coat_lite_tiny": 7, "coat_tiny": 8 + 5 * 3}[name]
     # each scale's co-scale sum in every parallel block but the last
     assert len(mix_calls) == {"coat_lite_tiny": 0, "coat_tiny": 5 * 3}[name]
+    # the GELU of every MLP that runs in chunks (one chunk each at this size): every serial block's but a Lite
+    # model's last, every parallel block's scale but the last block's (their class-token rows only)
+    assert len(gelu_calls) == {"coat_lite_tiny": 7, "coat_tiny": 8 + 5 * 3}[name]
 
 
 @needs_native
@@ -307,15 +351,22 @@ def test_training_runs_the_native_kernels_with_pytorchs_gradients(monkeypatch, n
     x = torch.randn(2, 3, 64, 48)
     grad_calls = count_calls(monkeypatch, "dwconv_weight_grad")
     attention_calls = count_calls(monkeypatch, "factor_attention_backward")
+    gelu_calls = count_calls(monkeypatch, "gelu")
+    gelu_grad_calls = count_calls(monkeypatch, "gelu_backward_")
     grads = []
     for enabled in (True, False):
         monkeypatch.setattr(model_module.DepthwiseTokens, "enabled", enabled)
         monkeypatch.setattr(model_module.NativeFactorAttention, "enabled", enabled)
+        monkeypatch.setattr(model_module.Mlp, "native_gelu", enabled)
         model.zero_grad()
         model(x).square().sum().backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
         assert len(grad_calls) == {"coat_lite_tiny": 8 + 7, "coat_tiny": 8 + 8 + 6 * 3 + 5 * 3}[name]
         assert len(attention_calls) == {"coat_lite_tiny": 7, "coat_tiny": 8 + 5 * 3}[name]
+        # every MLP's GELU (one chunk each), forward and backward: serial blocks, and each parallel block's
+        # shared MLP once per scale
+        mlps = {"coat_lite_tiny": 8, "coat_tiny": 8 + 6 * 3}[name]
+        assert (len(gelu_calls), len(gelu_grad_calls)) == (mlps, mlps)
     for n in grads[1]:
         torch.testing.assert_close(grads[0][n], grads[1][n], atol=1e-4, rtol=1e-4, msg=n)
 
@@ -495,4 +546,8 @@ def test_a_build_without_avx2_computes_the_same(fresh_build, monkeypatch):
         sources = [(tokens[1], (3, 5)), (tokens[2], (1, 2))]
         torch.testing.assert_close(native.mix_tokens(tokens[0], tokens[0], sources, (6, 10)),
                                    mix_reference(tokens[0], tokens[0], sources, (6, 10)), atol=1e-5, rtol=1e-5)
+        h, g = gelu_case(21)  # no FMA: separate multiplies and adds, the same values to within the tolerance
+        torch.testing.assert_close(native.gelu(h), F.gelu(h), atol=2e-6, rtol=1e-6, equal_nan=True)
+        torch.testing.assert_close(native.gelu_backward_(h, g.clone()), torch.ops.aten.gelu_backward(g, h),
+                                   atol=2e-6, rtol=1e-5, equal_nan=True)
     assert len(list((fresh_build / "native").glob("*.so"))) == 1  # built for these flags, in this test's cache

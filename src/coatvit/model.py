@@ -528,6 +528,34 @@ class Mlp(nn.Module):
     # bit-identical); measured against calling the layers per chunk: benchmarks/mlp_chunks.py, BENCHMARKS.md
     in_place_chunks = True
 
+    # The chunked paths (inference, and CPU training's `ChunkedMlp`) take the exact GELU as one native pass
+    # (`native.gelu`: within 1e-6 of PyTorch's, about 1.8x its speed; benchmarks/native_kernels.py, BENCHMARKS.md)
+    native_gelu = True
+
+    @staticmethod
+    def gelu_chunk(h: torch.Tensor, approximate: str, out: torch.Tensor) -> torch.Tensor:
+        """GELU of a chunk of fc1's output h (rows, hidden) into `out` (h itself: in place), outside autograd."""
+        if (Mlp.native_gelu and approximate == "none" and h.dtype == torch.float32 and h.device.type == "cpu"
+                and native.available()):
+            return native.gelu(h, out=out)
+        if out is h:
+            return torch.ops.aten.gelu_(h, approximate=approximate)
+        return torch.ops.aten.gelu.out(h, approximate=approximate, out=out)
+
+    @staticmethod
+    def gelu_backward_chunk(h: torch.Tensor, grad: torch.Tensor, approximate: str,
+                            act: torch.Tensor | None) -> torch.Tensor | None:
+        """Backward of the GELU of a chunk h (rows, hidden) outside autograd: grad <- grad * GELU'(h) in place
+        and, where `act` is given, act <- GELU(h) (returned), both from one erf per value where native."""
+        if (Mlp.native_gelu and approximate == "none" and h.dtype == torch.float32 and h.device.type == "cpu"
+                and native.available()):
+            native.gelu_backward_(h, grad, act)
+            return act
+        if act is not None:
+            torch.ops.aten.gelu.out(h, approximate=approximate, out=act)
+        torch.ops.aten.gelu_backward.grad_input(grad, h, approximate=approximate, grad_input=grad)
+        return act
+
     def chunk_rows(self) -> int:
         """Tokens per chunk of the chunked paths: `chunk_elements` hidden activations, at least 256 tokens."""
         return max(256, self.chunk_elements // self.hidden_features)
@@ -612,7 +640,7 @@ class Mlp(nn.Module):
         for i in range(0, flat.shape[0], rows):
             chunk = flat[i:i + rows]
             h = torch.addmm(self.fc1.bias, norm(chunk), w1, out=hidden[:chunk.shape[0]])  # F.linear's own kernel
-            torch.ops.aten.gelu_(h, approximate=self.act.approximate)
+            self.gelu_chunk(h, self.act.approximate, out=h)
             torch.addmm(self.fc2.bias, h, w2, out=out[i:i + rows]).add_(chunk)  # fc2 + residual, in the output
         return out.view_as(x)
 
@@ -635,7 +663,7 @@ class ChunkedMlp(torch.autograd.Function):
         act = x.new_empty(min(rows, m), hidden)  # one chunk's GELU, reused
         for i in range(0, m, rows):
             hi = torch.addmm(b1, x[i:i + rows], w1.t(), out=h[i:i + rows])
-            ai = torch.ops.aten.gelu.out(hi, approximate=approximate, out=act[:hi.shape[0]])
+            ai = Mlp.gelu_chunk(hi, approximate, out=act[:hi.shape[0]])
             torch.addmm(b2, ai, w2.t(), out=y[i:i + rows])
         ctx.save_for_backward(x, h, w1, b1, w2)
         ctx.rows, ctx.approximate = rows, approximate
@@ -654,14 +682,18 @@ class ChunkedMlp(torch.autograd.Function):
         grad_b1 = h.new_zeros(hidden) if need_b1 else None
         grad_w2 = torch.zeros_like(w2) if need_w2 else None
         act, grad_h = h.new_empty(2, min(rows, m), hidden).unbind(0)  # one chunk's GELU and hidden gradient
+        need_h = need_x or need_w1 or need_b1
         for i in range(0, m, rows):
             hi, gi = h[i:i + rows], grad_y[i:i + rows]
             n = hi.shape[0]
-            if need_w2:
-                grad_w2.addmm_(gi.t(), torch.ops.aten.gelu.out(hi, approximate=ctx.approximate, out=act[:n]))
-            if need_x or need_w1 or need_b1:
+            if need_h:  # the hidden gradient and, for fc2's weight gradient, the GELU, in one pass
                 gh = torch.mm(gi, w2, out=grad_h[:n])
-                torch.ops.aten.gelu_backward.grad_input(gh, hi, approximate=ctx.approximate, grad_input=gh)
+                ai = Mlp.gelu_backward_chunk(hi, gh, ctx.approximate, act[:n] if need_w2 else None)
+            elif need_w2:
+                ai = Mlp.gelu_chunk(hi, ctx.approximate, out=act[:n])
+            if need_w2:
+                grad_w2.addmm_(gi.t(), ai)
+            if need_h:
                 if need_b1:
                     grad_b1 += gh.sum(0)
                 if need_w1:

@@ -158,6 +158,10 @@ def library() -> ctypes.CDLL | None:
     lib.dwconv_weight_grad.restype = i
     lib.factor_attention_backward.argtypes = [ptr, n, n, i, i, i, i, ctypes.c_float, ptr, n, n, ptr, n, n, i]
     lib.factor_attention_backward.restype = i
+    lib.gelu_rows.argtypes = [ptr, n, ptr, n, n, n, i]
+    lib.gelu_rows.restype = None
+    lib.gelu_backward_rows.argtypes = [ptr, n, ptr, n, ptr, n, n, n, i]
+    lib.gelu_backward_rows.restype = None
     return lib
 
 
@@ -323,3 +327,35 @@ def mix_tokens(x: torch.Tensor, a: torch.Tensor, sources: list[tuple[torch.Tenso
                              torch.get_num_threads())
     return out
 
+
+
+def check_rows(kernel: str, *tensors: torch.Tensor) -> None:
+    """The GELU kernels' operands: float32 CPU matrices of the first one's shape with contiguous rows."""
+    for t in tensors:
+        if (t.dim() != 2 or t.shape != tensors[0].shape or t.dtype != torch.float32 or t.device.type != "cpu"
+                or t.stride(-1) != 1):
+            raise ValueError(f"{kernel}: expected float32 CPU matrices of one shape with contiguous rows, got "
+                             f"{tuple(t.shape)} {t.dtype} on {t.device.type} with strides {t.stride()}")
+
+
+def gelu(src: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """GELU(src), the exact (erf) form, to within 1e-6 of PyTorch's, into `out` (a fresh tensor when None; `src`
+    itself for in place). Float32 CPU matrices (rows, n) with contiguous rows, any row stride."""
+    out = torch.empty_like(src, memory_format=torch.contiguous_format) if out is None else out
+    check_rows("gelu", src, out)
+    if out.numel():
+        library().gelu_rows(src.data_ptr(), src.stride(0), out.data_ptr(), out.stride(0), src.shape[0],
+                            src.shape[1], torch.get_num_threads())
+    return out
+
+
+def gelu_backward_(h: torch.Tensor, grad: torch.Tensor, act: torch.Tensor | None = None) -> torch.Tensor:
+    """grad <- grad * GELU'(h) in place (the exact GELU's derivative, to within 2e-6 of PyTorch's gelu_backward)
+    and, where `act` is given, act <- GELU(h) from the same erf; returns grad. Float32 CPU matrices (rows, n) with
+    contiguous rows; `grad` and `act` must not overlap `h` or each other."""
+    check_rows("gelu_backward_", h, grad, *([] if act is None else [act]))
+    if h.numel():
+        library().gelu_backward_rows(h.data_ptr(), h.stride(0), grad.data_ptr(), grad.stride(0),
+                                     None if act is None else act.data_ptr(), 0 if act is None else act.stride(0),
+                                     h.shape[0], h.shape[1], torch.get_num_threads())
+    return grad

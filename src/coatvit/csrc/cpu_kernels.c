@@ -674,3 +674,114 @@ int factor_attention_backward(const float *qkv, long bs, long ts, int B, int N, 
     free(scratch);
     return 0;
 }
+
+/* a * b + c, one rounding where the CPU has FMA (GCC does not contract a * b + c under -std=c99) */
+static inline v8 fmadd(v8 a, v8 b, v8 c)
+{
+#if defined(__AVX2__) && defined(__FMA__)
+    return (v8)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c);
+#else
+    return a * b + c;
+#endif
+}
+
+/* min(hi, max(-hi, x)); NaN stays NaN */
+static inline v8 clamp_sym(v8 x, v8 hi)
+{
+#ifdef __AVX2__
+    return (v8)_mm256_min_ps((__m256)hi, _mm256_max_ps((__m256)-hi, (__m256)x));  /* NaN: the second operand */
+#else
+    x = select(x > hi, hi, x);
+    return select(x < -hi, -hi, x);
+#endif
+}
+
+/* erf(x / sqrt 2), the erf of the exact GELU x/2 (1 + erf(x / sqrt 2)), to within 1e-6 of float32's: erf z as
+   z P(z^2) / Q(z^2) on |z| < 3.8325 (the rational approximation of Eigen's and XLA's float erf, a bound beyond which
+   erf is +-1 in float32) and exactly +-1 beyond it. NaN stays NaN. */
+static inline v8 gelu_erf8(v8 x)
+{
+    const v8 hi = splat(3.832506856900711f);
+    const v8 z = clamp_sym(x * 0.70710678118654752f, hi);
+    const v8 z2 = z * z;
+    v8 p = fmadd(z2, splat(-2.72614225801306e-10f), splat(2.77068142495902e-08f));
+    p = fmadd(p, z2, splat(-2.10102402082508e-06f));
+    p = fmadd(p, z2, splat(-5.69250639462346e-05f));
+    p = fmadd(p, z2, splat(-7.34990630326855e-04f));
+    p = fmadd(p, z2, splat(-2.95459980854025e-03f));
+    p = fmadd(p, z2, splat(-1.60960333262415e-02f));
+    v8 q = fmadd(z2, splat(-1.45660718464996e-05f), splat(-2.13374055278905e-04f));
+    q = fmadd(q, z2, splat(-1.68282697438203e-03f));
+    q = fmadd(q, z2, splat(-7.37332916720468e-03f));
+    q = fmadd(q, z2, splat(-1.42647390514189e-02f));
+    return select(z == hi, splat(1.0f), select(z == -hi, splat(-1.0f), z * p / q));
+}
+
+/* GELU(x) from e = gelu_erf8(x); -inf gives NaN and +inf gives +inf, as PyTorch's */
+static inline v8 gelu_from(v8 x, v8 e)
+{
+    const v8 half = x * 0.5f;
+    return fmadd(half, e, half);
+}
+
+/* dst = GELU(src) over `rows` rows of n floats, src_rs and dst_rs floats apart; dst may be src (in place). Rows
+   are split among the threads. */
+void gelu_rows(const float *src, long src_rs, float *dst, long dst_rs, long rows, long n, int threads)
+{
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (long i = 0; i < rows; ++i) {
+        const float *s = src + i * src_rs;
+        float *d = dst + i * dst_rs;
+        long j = 0;
+        for (; j + 8 <= n; j += 8)
+        {
+            const v8 x = ld(s + j);
+            st(d + j, gelu_from(x, gelu_erf8(x)));
+        }
+        if (j < n) {  /* the last n % 8 values through a zero-padded vector */
+            float tail[8] = {0};
+            memcpy(tail, s + j, (size_t)(n - j) * sizeof(float));
+            const v8 x = ld(tail);
+            st_part(d + j, gelu_from(x, gelu_erf8(x)), (int)(n - j));
+        }
+    }
+}
+
+/* one vector of the GELU backward: g * GELU'(x), GELU'(x) = Phi(x) + x phi(x) with Phi(x) = (1 + e) / 2 and
+   phi(x) = exp(-x^2 / 2) / sqrt(2 pi); the GELU itself to *act. +-inf and NaN give NaN, as PyTorch's. */
+static inline v8 gelu_grad8(v8 x, v8 g, v8 *act)
+{
+    const v8 e = gelu_erf8(x);
+    *act = gelu_from(x, e);
+    const v8 phi = exp8(x * x * -0.5f) * 0.39894228040143268f;
+    const v8 slope = fmadd(x, phi, fmadd(e, splat(0.5f), splat(0.5f))) + (x - x);  /* x - x: NaN at +-inf */
+    return g * slope;
+}
+
+/* Backward of GELU over `rows` rows of n floats: g <- g * GELU'(h) in place and, where act is not NULL,
+   act <- GELU(h) from the same erf (what fc2's weight gradient multiplies). Row strides h_rs, g_rs, act_rs in
+   floats; rows are split among the threads. */
+void gelu_backward_rows(const float *h, long h_rs, float *g, long g_rs, float *act, long act_rs, long rows, long n,
+                        int threads)
+{
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (long i = 0; i < rows; ++i) {
+        const float *hr = h + i * h_rs;
+        float *gr = g + i * g_rs, *ar = act ? act + i * act_rs : NULL;
+        long j = 0;
+        v8 a;
+        for (; j + 8 <= n; j += 8) {
+            st(gr + j, gelu_grad8(ld(hr + j), ld(gr + j), &a));
+            if (ar)
+                st(ar + j, a);
+        }
+        if (j < n) {  /* the last n % 8 values through zero-padded vectors */
+            float th[8] = {0}, tg[8] = {0};
+            memcpy(th, hr + j, (size_t)(n - j) * sizeof(float));
+            memcpy(tg, gr + j, (size_t)(n - j) * sizeof(float));
+            st_part(gr + j, gelu_grad8(ld(th), ld(tg), &a), (int)(n - j));
+            if (ar)
+                st_part(ar + j, a, (int)(n - j));
+        }
+    }
+}
