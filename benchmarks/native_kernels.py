@@ -2,6 +2,7 @@
 224-px inputs, inference, interleaved, median of repeats.
 
     python benchmarks/native_kernels.py --models coat_lite_tiny coat_tiny --batch-sizes 1 6 --repeats 7
+    python benchmarks/native_kernels.py --tables mlp --batch-sizes 1 16  # one table
 
 CPE: x + DWConv3x3(x) written after the class token. CRPE: out[:, 1:] += Q * DWConv(V), q and v read from a
 (B, N, 3C) projection output; its time excludes the copy that gives each call a fresh `out`. Attention: a serial
@@ -57,11 +58,25 @@ def main() -> None:
     parser.add_argument("--img-size", type=int, default=224)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--tables", nargs="+", choices=["modules", "mix", "training", "mlp"],
+                        default=["modules", "mix", "training", "mlp"])
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if not native.available():
         raise SystemExit(f"the native kernels are unavailable here: {native.failure()}")
     print(f"torch {torch.__version__}, {args.threads} threads, {args.img_size} px, median of {args.repeats}")
+    if "modules" in args.tables:
+        modules_table(args)
+    if "mix" in args.tables:
+        mix_table(args)
+    if "training" in args.tables:
+        training_table(args)
+    if "mlp" in args.tables:
+        mlp_table(args)
+
+
+def modules_table(args) -> None:
+    """CPE, CRPE and the attention module per stage, inference, native against eager."""
     print("| model | batch | stage (C, grid) | CPE native / eager ms | speedup | CRPE native / eager ms | speedup "
           "| attention native / eager ms | speedup |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -97,9 +112,6 @@ def main() -> None:
                       f"{cpe_e / cpe_n:.2f}x | {crpe_n:.3f} / {crpe_e:.3f} | {crpe_e / crpe_n:.2f}x | "
                       f"{med[True]['attn']:.3f} / {med[False]['attn']:.3f} | "
                       f"{med[False]['attn'] / med[True]['attn']:.2f}x |")
-    mix_table(args)
-    training_table(args)
-    mlp_table(args)
 
 
 def mix_table(args) -> None:

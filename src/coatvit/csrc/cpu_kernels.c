@@ -2,6 +2,7 @@
    Eight float32 lanes are one vector (GCC/Clang vector extensions: AVX2 where compiled for it); rows of work are
    split among `threads` OpenMP threads (PyTorch's own OpenMP runtime, loaded before this library). */
 #include <stddef.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 #ifdef _OPENMP
@@ -246,35 +247,39 @@ static inline void st_part(float *p, v8 v, int width)
    q, k and v are read from the image's rows of the qkv projection (q, k, v side by side, rows `ts` floats apart)
    and the result goes to its rows of out (`ots` apart), so no head permute is ever copied. Three passes, each
    over a range so that threads can share one image: `softmax_pass` writes softmax(K)'s numerators E and a copy
-   of V to scratch rows of C + 8 floats (zero tail), and scale / the channels' sums to inv; `context_pass`
-   accumulates each head's (ch x chp) context in register tiles of 4 rows x 16 channels (a head's last tile reads
-   into the next head's columns or the zero tail, and only its own columns are kept); `output_pass` multiplies
-   tiles of 4 tokens x 16 channels of q by the contexts and stores each head's own channels. */
+   of V to scratch rows of C floats, an 8-float zero tail and padding to a cache line (`scratch_row`), and
+   scale / the channels' sums to inv; `context_pass` accumulates each head's (ch x chp) context in register tiles
+   of 4 rows x 16 channels (a head's last tile reads into the next head's columns or the zero tail, and only its
+   own columns are kept); `output_pass` multiplies tiles of 4 tokens x 16 channels of q by the contexts and stores
+   each head's own channels. */
 typedef struct {
     const float *qkv;
     long ts, ots;
     int N, C, heads, ch, chp, nv, cs;
     float scale;
-    float *out, *E, *V, *ctx, *mx, *inv;
+    float *out, *E, *V, *ctx, *inv;
 } attention_t;
 
 static void softmax_pass(const attention_t *a, int c0, int c1)  /* channels [c0, c1), multiples of 8 */
 {
     const float *k = a->qkv + a->C, *v = a->qkv + 2 * a->C;
     const long ts = a->ts;
-    for (int c = c0; c < c1; c += 8) st(a->mx + c, ld(k + c));
+    const int nb = (c1 - c0) / 8;
+    v8 mx[nb], sum[nb];  /* this thread's maxima and sums: registers or its own stack, never a shared line */
+    for (int b = 0; b < nb; ++b) mx[b] = ld(k + c0 + 8 * b);
     for (int n = 1; n < a->N; ++n)
-        for (int c = c0; c < c1; c += 8) {
-            const v8 m = ld(a->mx + c), x = ld(k + n * ts + c);
-            st(a->mx + c, select(x > m, x, m));
+        for (int b = 0; b < nb; ++b) {
+            const v8 x = ld(k + n * ts + c0 + 8 * b);
+            mx[b] = select(x > mx[b], x, mx[b]);
         }
-    for (int c = c0; c < c1; c += 8) st(a->inv + c, splat(0.0f));
+    for (int b = 0; b < nb; ++b) sum[b] = splat(0.0f);
     for (int n = 0; n < a->N; ++n) {
         float *e = a->E + (long)n * a->cs, *vv = a->V + (long)n * a->cs;
-        for (int c = c0; c < c1; c += 8) {
-            const v8 x = exp8(ld(k + n * ts + c) - ld(a->mx + c));
+        for (int b = 0; b < nb; ++b) {
+            const int c = c0 + 8 * b;
+            const v8 x = exp8(ld(k + n * ts + c) - mx[b]);
             st(e + c, x);
-            st(a->inv + c, ld(a->inv + c) + x);
+            sum[b] += x;
             st(vv + c, ld(v + n * ts + c));
         }
         if (c1 == a->C) {
@@ -282,7 +287,7 @@ static void softmax_pass(const attention_t *a, int c0, int c1)  /* channels [c0,
             st(vv + a->C, splat(0.0f));
         }
     }
-    for (int c = c0; c < c1; c += 8) st(a->inv + c, splat(a->scale) / ld(a->inv + c));  /* each sum >= exp(0) */
+    for (int b = 0; b < nb; ++b) st(a->inv + c0 + 8 * b, splat(a->scale) / sum[b]);  /* each sum >= exp(0) */
 }
 
 /* M_h[i][j] = rs[o + i] * sum over tokens n of A[n, o + i] B[n, o + j] for the heads [h0, h1) (o = h ch; rs NULL:
@@ -390,23 +395,34 @@ static void output_pass(const attention_t *a, int n_begin, int n_end)  /* tokens
     tile_products(a, a->qkv, a->ts, a->ctx, a->out, a->ots, n_begin, n_end);
 }
 
-/* scratch floats of one image: E, V, the contexts (and 16 floats a last tile may read past them), mx, inv */
+/* floats per scratch row of C channels and an 8-float zero tail, a whole number of 64-byte lines: rows that
+   threads write side by side (channel ranges of multiples of 16 floats) then share no cache line */
+static inline long scratch_row(int C) { return (C + 8 + 15) / 16 * 16; }
+
+/* scratch floats of one image: E, V, the contexts (and 16 floats a last tile may read past them), inv; each part
+   a multiple of 16 floats, so each starts on a line of a 64-byte aligned block (`alloc_lines`) */
 static size_t attention_scratch(int N, int C, int heads)
 {
     const int ch = C / heads, chp = (ch + 7) / 8 * 8;
-    return (size_t)2 * N * (C + 8) + (size_t)heads * ch * chp + 16 + 2 * (size_t)C;
+    return (size_t)2 * N * scratch_row(C) + (size_t)heads * ch * chp + 16 + (size_t)(C + 15) / 16 * 16;
+}
+
+/* n floats starting on a 64-byte boundary; *raw is what to free (NULL, and NULL returned, without memory) */
+static float *alloc_lines(size_t n, void **raw)
+{
+    *raw = malloc(sizeof(float) * n + 64);
+    return *raw ? (float *)(((uintptr_t)*raw + 63) & ~(uintptr_t)63) : NULL;
 }
 
 static attention_t attention_setup(const float *qkv, long ts, int N, int C, int heads, float scale, float *out,
                                    long ots, float *scratch)
 {
-    attention_t a = {qkv, ts, ots, N, C, heads, C / heads, (C / heads + 7) / 8 * 8, 0, C + 8, scale, out,
-                     scratch, NULL, NULL, NULL, NULL};
+    attention_t a = {qkv, ts, ots, N, C, heads, C / heads, (C / heads + 7) / 8 * 8, 0, (int)scratch_row(C), scale,
+                     out, scratch, NULL, NULL, NULL};
     a.nv = a.chp / 8;
     a.V = a.E + (size_t)N * a.cs;
     a.ctx = a.V + (size_t)N * a.cs;
-    a.mx = a.ctx + (size_t)heads * a.ch * a.chp + 16;
-    a.inv = a.mx + C;
+    a.inv = a.ctx + (size_t)heads * a.ch * a.chp + 16;
     return a;
 }
 
@@ -430,7 +446,8 @@ int factor_attention(const float *qkv, long bs, long ts, int B, int N, int C, in
     if (B >= threads) {
         #pragma omp parallel num_threads(threads) reduction(|:failed)
         {
-            float *scratch = malloc(sizeof(float) * attention_scratch(N, C, heads));
+            void *raw;
+            float *scratch = alloc_lines(attention_scratch(N, C, heads), &raw);
             failed = scratch == NULL;
             #pragma omp for schedule(static)
             for (long b = 0; b < B; ++b) {
@@ -441,11 +458,12 @@ int factor_attention(const float *qkv, long bs, long ts, int B, int N, int C, in
                 context_pass(&a, 0, heads);
                 output_pass(&a, 0, N);
             }
-            free(scratch);
+            free(raw);
         }
         return failed ? -1 : 0;
     }
-    float *scratch = malloc(sizeof(float) * attention_scratch(N, C, heads));
+    void *raw;
+    float *scratch = alloc_lines(attention_scratch(N, C, heads), &raw);
     if (!scratch) return -1;
     for (long b = 0; b < B; ++b) {
         const attention_t a = attention_setup(qkv + b * bs, ts, N, C, heads, scale, out + b * obs, ots, scratch);
@@ -456,7 +474,7 @@ int factor_attention(const float *qkv, long bs, long ts, int B, int N, int C, in
             for (int n = 0; n < N; n += 64) output_pass(&a, n, n + 64 < N ? n + 64 : N);
         }
     }
-    free(scratch);
+    free(raw);
     return 0;
 }
 
@@ -607,7 +625,7 @@ static void grad_key_pass(const attention_t *a, const attention_grad_t *b, int c
 static size_t attention_grad_scratch(int N, int C, int heads)
 {
     const int ch = C / heads, chp = (ch + 7) / 8 * 8;
-    return (size_t)N * (C + 8) + (size_t)4 * heads * ch * chp;
+    return (size_t)N * scratch_row(C) + (size_t)4 * heads * ch * chp;
 }
 
 static attention_grad_t attention_grad_setup(const attention_t *a, const float *g, long gts, float *d, long dts,
@@ -634,7 +652,8 @@ int factor_attention_backward(const float *qkv, long bs, long ts, int B, int N, 
     if (B >= threads) {
         #pragma omp parallel num_threads(threads) reduction(|:failed)
         {
-            float *scratch = malloc(sizeof(float) * total);
+            void *raw;
+            float *scratch = alloc_lines(total, &raw);
             failed = scratch == NULL;
             #pragma omp for schedule(static)
             for (long i = 0; i < B; ++i) {
@@ -649,11 +668,12 @@ int factor_attention_backward(const float *qkv, long bs, long ts, int B, int N, 
                 grad_token_pass(&a, &b, 0, N);
                 grad_key_pass(&a, &b, 0, C);
             }
-            free(scratch);
+            free(raw);
         }
         return failed ? -1 : 0;
     }
-    float *scratch = malloc(sizeof(float) * total);
+    void *raw;
+    float *scratch = alloc_lines(total, &raw);
     if (!scratch) return -1;
     for (long i = 0; i < B; ++i) {
         const attention_t a = attention_setup(qkv + i * bs, ts, N, C, heads, scale, NULL, 0, scratch);
@@ -671,7 +691,7 @@ int factor_attention_backward(const float *qkv, long bs, long ts, int B, int N, 
             for (int c = 0; c < C; c += 8) grad_key_pass(&a, &b, c, c + 8);
         }
     }
-    free(scratch);
+    free(raw);
     return 0;
 }
 
