@@ -1,7 +1,7 @@
 """Shared command line of the A/B scripts that time one model-level switch on a CPU (crpe_kernels.py,
-class_token_shortcut.py, mlp_chunks.py, train_chunks.py, mlp_backward.py) and of gemm_floor.py: models as NAME:BATCH, image size,
-threads, repeats; and the command line and device check of the GPU kernel scripts (layer_norm_sweep.py,
-fused_mlp.py, kernel_widths.py)."""
+class_token_shortcut.py, mlp_chunks.py, train_chunks.py, mlp_backward.py, patch_embed.py) and of gemm_floor.py:
+models as NAME:BATCH, image size, threads, repeats; and the command line and device check of the GPU kernel
+scripts (layer_norm_sweep.py, fused_mlp.py, kernel_widths.py)."""
 
 from __future__ import annotations
 

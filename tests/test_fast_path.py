@@ -134,6 +134,43 @@ def test_in_place_mlp_chunks_are_bit_identical_to_calling_the_layers(monkeypatch
         torch.testing.assert_close(model(x), outputs[0], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("name, size", [("coat_lite_tiny", (97, 131)), ("coat_tiny", (64, 64))])
+def test_patch_embeddings_as_gemms_equal_the_convolutions(monkeypatch, name, size):
+    """Stages 2-4 embed up to `gemm_max_patches` patches as a GEMM in CPU inference (stage 1's 3-channel image and
+    larger maps keep the convolution, and so does training); the same embeddings, and a kept weight that follows
+    edits of the convolution's."""
+    model = _model(name).eval()
+    x = torch.randn(2, 3, *size)
+    calls = []
+    real = model_module.PatchEmbed.forward_gemm
+    monkeypatch.setattr(model_module.PatchEmbed, "forward_gemm", lambda self, t: calls.append(t.shape) or real(self, t))
+    with torch.no_grad():
+        out, ref = _both(model, lambda m: m(x))
+        assert [shape[1] for shape in calls] == list(model.config.embed_dims[:3])
+        monkeypatch.setattr(model_module.PatchEmbed, "gemm_max_patches", 2 * (size[0] // 8) * (size[1] // 8) - 1)
+        calls.clear()
+        conv = model(x)
+        assert [shape[1] for shape in calls] == list(model.config.embed_dims[1:3])  # stage 2's map is too large now
+        monkeypatch.setattr(model_module.PatchEmbed, "gemm_max_patches", 0)
+        calls.clear()
+        torch.testing.assert_close(model(x), out, atol=1e-5, rtol=1e-5)
+        assert not calls
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(conv, ref, atol=1e-5, rtol=1e-5)
+    monkeypatch.setattr(model_module.PatchEmbed, "gemm_max_patches", 1 << 30)
+    with torch.no_grad():
+        model.patch_embed3.proj.weight.mul_(3.0)  # in place: the kept (p*p*C, out) weight must be rebuilt
+        out, ref = _both(model, lambda m: m(x))
+        torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+    model.patch_embed4.proj.weight = nn.Parameter(torch.randn_like(model.patch_embed4.proj.weight))  # replaced
+    with torch.no_grad():
+        out, ref = _both(model, lambda m: m(x))
+        torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+    calls.clear()
+    model(x).sum().backward()  # autograd: the convolutions, their weight gradients as usual
+    assert not calls and model.patch_embed3.proj.weight.grad is not None
+
+
 def test_fast_path_with_autograd_in_eval_mode():
     # With autograd on, the fast path skips the chunking (it writes into preallocated outputs) and must match.
     model = _model("coat_test").eval()
