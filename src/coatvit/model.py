@@ -170,8 +170,8 @@ class PatchEmbed(nn.Module):
     fast_path = True
 
     # CPU inference embeds up to `gemm_max_patches` patches of a map of 16+ channels (stages 2-4) as one GEMM over
-    # the gathered patches instead of the strided convolution (the same products). Measured, interleaved: 1.03-1.79x
-    # per stage at up to 784 patches, 0.89-0.99x at 3136-12544 (benchmarks/patch_embed.py, BENCHMARKS.md)
+    # the gathered patches instead of the strided convolution (the same products). Measured, interleaved: 1.04-1.98x
+    # per stage at up to 784 patches, 0.86-0.96x at 3136-12544 (benchmarks/patch_embed.py, BENCHMARKS.md)
     gemm_min_channels = 16
     gemm_max_patches = 1024
 
@@ -568,10 +568,15 @@ class Mlp(nn.Module):
     native_gelu = True
 
     @staticmethod
+    def native_gelu_ok(h: torch.Tensor, approximate: str) -> bool:
+        """Whether the chunk h takes the native GELU kernels: the exact GELU of float32 CPU values, kernels built."""
+        return (Mlp.native_gelu and approximate == "none" and h.dtype == torch.float32 and h.device.type == "cpu"
+                and native.available())
+
+    @staticmethod
     def gelu_chunk(h: torch.Tensor, approximate: str, out: torch.Tensor) -> torch.Tensor:
         """GELU of a chunk of fc1's output h (rows, hidden) into `out` (h itself: in place), outside autograd."""
-        if (Mlp.native_gelu and approximate == "none" and h.dtype == torch.float32 and h.device.type == "cpu"
-                and native.available()):
+        if Mlp.native_gelu_ok(h, approximate):
             return native.gelu(h, out=out)
         if out is h:
             return torch.ops.aten.gelu_(h, approximate=approximate)
@@ -582,8 +587,7 @@ class Mlp(nn.Module):
                             act: torch.Tensor | None) -> torch.Tensor | None:
         """Backward of the GELU of a chunk h (rows, hidden) outside autograd: grad <- grad * GELU'(h) in place
         and, where `act` is given, act <- GELU(h) (returned), both from one erf per value where native."""
-        if (Mlp.native_gelu and approximate == "none" and h.dtype == torch.float32 and h.device.type == "cpu"
-                and native.available()):
+        if Mlp.native_gelu_ok(h, approximate):
             native.gelu_backward_(h, grad, act)
             return act
         if act is not None:

@@ -328,7 +328,6 @@ def mix_tokens(x: torch.Tensor, a: torch.Tensor, sources: list[tuple[torch.Tenso
     return out
 
 
-
 def check_rows(kernel: str, *tensors: torch.Tensor) -> None:
     """The GELU kernels' operands: float32 CPU matrices of the first one's shape with contiguous rows."""
     for t in tensors:
