@@ -143,6 +143,34 @@ def mix_table(args) -> None:
             print(f"| {name} | {batch} | {grids} | {n:.3f} / {e:.3f} | {e / n:.2f}x |")
 
 
+def switch_training_kernels(on: bool) -> None:
+    DepthwiseTokens.enabled = NativeFactorAttention.enabled = on
+
+
+def switch_gelu(on: bool) -> None:
+    Mlp.native_gelu = on
+
+
+def interleaved(runs: dict, switch, repeats: int, steps: int) -> dict:
+    """Median ms of each of `runs` with switch(True) (native) and switch(False), interleaved in alternating order;
+    leaves the switch on."""
+    samples = {on: {key: [] for key in runs} for on in (True, False)}
+    for r in range(repeats):
+        for on in ((True, False) if r % 2 == 0 else (False, True)):
+            switch(on)
+            for key, run in runs.items():
+                run()  # warm-up
+                samples[on][key].append(time_ms(run, steps))
+    switch(True)
+    return {on: {k: statistics.median(v) for k, v in s.items()} for on, s in samples.items()}
+
+
+def row(med: dict) -> str:
+    """'native / eager | speedup' cells of each run in `med` (as `interleaved` returns it)."""
+    return " | ".join(f"{med[True][k]:.3f} / {med[False][k]:.3f} | {med[False][k] / med[True][k]:.2f}x"
+                      for k in med[True]) + " |"
+
+
 def training_table(args) -> None:
     """CPU training, forward and backward: CPE (x + DWConv(x) with the class row) and CRPE's DWConv(V) through
     `DepthwiseTokens` against PyTorch's convolutions; a serial block's attention module without CRPE through
@@ -164,18 +192,8 @@ def training_table(args) -> None:
                 runs = {"cpe": lambda: cpe(x, size).backward(grads[0]),
                         "crpe": lambda: crpe.conv_tokens(v, size).backward(grads[1]),
                         "attn": lambda: attn(x, size, None).backward(grads[0])}
-                samples = {on: {key: [] for key in runs} for on in (True, False)}
-                for r in range(args.repeats):
-                    for on in ((True, False) if r % 2 == 0 else (False, True)):
-                        DepthwiseTokens.enabled = NativeFactorAttention.enabled = on
-                        for key, run in runs.items():
-                            run()  # warm-up
-                            samples[on][key].append(time_ms(run, steps))
-                DepthwiseTokens.enabled = NativeFactorAttention.enabled = True
-                med = {on: {k: statistics.median(v) for k, v in s.items()} for on, s in samples.items()}
-                print(f"| {name} | {batch} | {i + 1} ({C}, {side}x{side}) | "
-                      + " | ".join(f"{med[True][k]:.3f} / {med[False][k]:.3f} | {med[False][k] / med[True][k]:.2f}x"
-                                   for k in runs) + " |")
+                med = interleaved(runs, switch_training_kernels, args.repeats, steps)
+                print(f"| {name} | {batch} | {i + 1} ({C}, {side}x{side}) | " + row(med))
 
 
 def mlp_table(args) -> None:
@@ -200,18 +218,8 @@ def mlp_table(args) -> None:
 
                 runs = {"infer": infer,
                         "train": lambda: block.mlp.residual(x_grad, block.norm2, block.drop_path, True).backward(grad)}
-                samples = {on: {key: [] for key in runs} for on in (True, False)}
-                for r in range(args.repeats):
-                    for on in ((True, False) if r % 2 == 0 else (False, True)):
-                        Mlp.native_gelu = on
-                        for key, run in runs.items():
-                            run()  # warm-up
-                            samples[on][key].append(time_ms(run, steps))
-                Mlp.native_gelu = True
-                med = {on: {k: statistics.median(v) for k, v in s.items()} for on, s in samples.items()}
-                print(f"| {name} | {batch} | {i + 1} ({C}, {block.mlp.hidden_features}) | "
-                      + " | ".join(f"{med[True][k]:.3f} / {med[False][k]:.3f} | {med[False][k] / med[True][k]:.2f}x"
-                                   for k in runs) + " |")
+                med = interleaved(runs, switch_gelu, args.repeats, steps)
+                print(f"| {name} | {batch} | {i + 1} ({C}, {block.mlp.hidden_features}) | " + row(med))
     h, g0 = torch.randn(2048, 512) * 2, torch.randn(2048, 512)
     g, act = torch.empty_like(g0), torch.empty_like(h)
     runs = {"GELU: native.gelu / aten.gelu": (lambda: native.gelu(h, out=act),
