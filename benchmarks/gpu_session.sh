@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One short GPU session, everything the speed issue needs from a GPU, results under ${OUT:-gpu-results}:
 #   1. the Triton kernels checked on the real GPU against the default path (tests/test_kernels.py -k gpu);
-#   2. the fused residual MLP kernel against the eager ops per MLP shape of CoaT (benchmarks/fused_mlp.py);
+#   2. the CPE kernel against the eager ops per CPE shape of CoaT (benchmarks/cpe_kernel.py;
+#      with MLP=1 also the fused residual MLP kernel per MLP shape, benchmarks/fused_mlp.py);
 #   3. ours (default: Triton kernels for CUDA batches of 128+) vs kernels off vs timm eager, bf16 AMP at batch
 #      256: inference, training, batch-1 latency, peak memory, for coat_lite_tiny and coat_tiny;
 #   4. where coat_lite_tiny's inference spends its GPU time now (benchmarks/profile_gpu.py);
@@ -11,7 +12,8 @@
 #      attention kernels at padded width 64 (benchmarks/triton_sweep.py);
 #   7. with COMPILE=1 only: ours eager vs ours compiled vs timm compiled, inference and training.
 # Each step has its own time limit, so one slow step cannot starve the rest; the most important come first.
-# Steps 1-4 end within 9 minutes; `steps.txt` records when each began.
+# Steps 1-4 end within 10 minutes (the GPU tests, which autotune and compile, take up to three); `steps.txt` records
+# when each began.
 #     bash benchmarks/gpu_session.sh            (repository root; the project installed, or PYTHONPATH=src)
 # On a machine with torch and triton but no network and no timm 1.0.31: carry its wheel and install it first,
 #     pip install --no-deps --target /tmp/site timm-1.0.31-py3-none-any.whl
@@ -29,9 +31,13 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=c
 
 step() { echo "$(date +%T) $*" >> "$out/steps.txt"; }
 step kernel tests
-timeout 130 "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels.py -k gpu 2>&1 | tee "$out/kernel-tests.txt"
-step fused_mlp.py
-timeout 80 "$PY" benchmarks/fused_mlp.py 2>&1 | tee "$out/fused-mlp.txt"
+timeout 170 "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels.py -k gpu 2>&1 | tee "$out/kernel-tests.txt"
+step cpe_kernel.py
+timeout 80 "$PY" benchmarks/cpe_kernel.py 2>&1 | tee "$out/cpe.txt"
+if [ "${MLP:-0}" = 1 ]; then
+    step fused_mlp.py
+    timeout 80 "$PY" benchmarks/fused_mlp.py 2>&1 | tee "$out/fused-mlp.txt"
+fi
 
 bench() {  # time limit (s), then benchmark arguments
     local limit=$1
@@ -44,7 +50,7 @@ bench() {  # time limit (s), then benchmark arguments
     echo "== exit ${PIPESTATUS[0]}" | tee -a "$out/benchmark.txt"
 }
 bench 130 --model coat_lite_tiny --vs ours-no-triton timm --modes infer train latency
-bench 150 --model coat_tiny --vs ours-no-triton timm --modes infer train latency
+bench 165 --model coat_tiny --vs ours-no-triton timm --modes infer train latency
 step profile_gpu.py
 timeout 40 "$PY" benchmarks/profile_gpu.py --model coat_lite_tiny --mode infer --vs ours --rows 20 2>&1 \
     | tee "$out/profile.txt"

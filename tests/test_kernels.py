@@ -125,6 +125,98 @@ def test_models_with_triton_kernels_match_the_default_path_in_the_interpreter():
 
 
 @needs_triton
+def test_cpe_kernel_matches_the_convolution_in_the_interpreter():
+    # x + DWConv(x) for the image tokens: windows 3, 5, 7, odd image sizes, with and without a class token, strided
+    # rows, fp32 and 16-bit compute, an empty batch, bad taps.
+    result = _interpret("""
+        import json, torch, torch.nn.functional as F
+        from coatvit import kernels
+        torch.manual_seed(0)
+        errors = {}
+        for B, H, W, C, K, skip in [(2, 5, 7, 24, 3, 1), (1, 9, 4, 40, 7, 1), (3, 6, 6, 19, 5, 0), (2, 1, 3, 8, 3, 1)]:
+            x = torch.randn(B, skip + H * W, 3 * C)[..., C:2 * C] * 2  # strided rows
+            conv = torch.nn.Conv2d(C, C, K, padding=K // 2, groups=C)
+            img = x[:, skip:].transpose(1, 2).reshape(B, C, H, W)
+            taps, bias = kernels.depthwise_taps(conv.weight, conv.bias)
+            with torch.no_grad():
+                ref = x[:, skip:] + conv(img).flatten(2).transpose(1, 2)
+                got = kernels.residual_dwconv(x, taps, bias, (H, W), torch.float32)
+                errors[f"{K}/{H}x{W}"] = (got[:, skip:] - ref).abs().max().item()
+                errors[f"{K}/{H}x{W}/leading"] = float(not torch.equal(got[:, :skip], x[:, :skip]))
+                errors[f"{K}/{H}x{W}/shape"] = float(got.shape != x.shape or got.dtype != x.dtype)
+                for dtype in (torch.bfloat16, torch.float16):  # as a convolution under autocast: rounded operands
+                    low = F.conv2d(img.to(dtype).float(), conv.weight.to(dtype).float(), conv.bias.to(dtype).float(),
+                                   padding=K // 2, groups=C).flatten(2).transpose(1, 2).to(dtype).float()
+                    got = kernels.residual_dwconv(x, taps, bias, (H, W), dtype)
+                    step = low.abs().max().item() * 2 ** -7
+                    errors[f"{K}/{H}x{W}/{dtype}"] = (got[:, skip:] - x[:, skip:] - low).abs().max().item() / step
+        empty = kernels.residual_dwconv(torch.randn(0, 10, 8), *kernels.depthwise_taps(torch.randn(8, 1, 3, 3), None),
+                                        (3, 3), torch.float32)
+        errors["empty"] = float(empty.shape != (0, 10, 8))
+        try:
+            kernels.residual_dwconv(torch.randn(1, 10, 8), torch.randn(6, 8), torch.zeros(8), (3, 3), torch.float32)
+            errors["bad-taps"] = 1.0
+        except ValueError as e:
+            errors["bad-taps"] = float("odd KxK taps (K*K, C)" not in str(e))
+        print(json.dumps(errors))
+    """)
+    assert len(result) == 4 * 5 + 2
+    for key, err in result.items():
+        # 16-bit: at most one step of the convolution's dtype (fp32 sums in another order); fp32: float rounding
+        assert err <= (1.0 if "torch." in key else 1e-5), (key, err)
+
+
+@needs_triton
+def test_models_run_the_cpe_kernel_for_every_cpe_in_the_interpreter():
+    # Where a user gets it: inference with the kernels on, fp32 and under bf16 autocast, each CPE of a width the
+    # policy takes one kernel (coat_lite's 64-320 channels by default; here CoaT's 152 too); the kept taps follow an
+    # in-place change of a conv's weight; training keeps the eager convolution.
+    result = _interpret("""
+        import json, torch, coatvit
+        from coatvit import kernels
+        default = [kernels.cpe_kernel_for(c) for c in (64, 128, 152, 256, 320)]
+        kernels.CPE_ALIGNMENT = 8  # CoaT's 152 channels too
+        calls = []
+        original = kernels.residual_dwconv
+        kernels.residual_dwconv = lambda *a, **k: calls.append(a[-1]) or original(*a, **k)
+        out = {}
+        for name, size in (("coat_lite_tiny", (68, 100)), ("coat_tiny", (36, 52))):
+            torch.manual_seed(0)
+            model = coatvit.create_model(name, num_classes=10).eval()
+            x = torch.randn(2, 3, *size)
+            with torch.no_grad():
+                for autocast in (False, True):
+                    with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+                        ref = model(x).float()
+                        kernels.set_enabled(True)
+                        got = model(x).float()
+                        kernels.set_enabled(None)
+                    out[f"{name}/{autocast}"] = [(got - ref).abs().max().item() / ref.abs().max().item(),
+                                                 sorted(set(map(str, calls))), len(calls)]
+                    calls.clear()
+                model.cpe1.proj.weight.mul_(-3)  # in place: the kept taps must be rebuilt
+                ref = model(x)
+                kernels.set_enabled(True)
+                got = model(x)
+            out[f"{name}/changed"] = (got - ref).abs().max().item() / ref.abs().max().item()
+            calls.clear()
+            model.train()(x).sum().backward()
+            kernels.set_enabled(None)
+            out[f"{name}/train"] = len(calls)
+        out["default"] = default
+        print(json.dumps(out))
+    """)
+    assert result["default"] == [True, True, False, True, True], result
+    # a CPE before each serial block (8), and per scale before each parallel block (coat_tiny: 6 x 3)
+    for name, count in (("coat_lite_tiny", 8), ("coat_tiny", 8 + 6 * 3)):
+        assert result[f"{name}/False"][1:] == [["torch.float32"], count], result
+        assert result[f"{name}/True"][1:] == [["torch.bfloat16"], count], result
+        assert result[f"{name}/False"][0] < 1e-5 and result[f"{name}/changed"] < 1e-5, result
+        assert result[f"{name}/True"][0] < 0.05, result  # bf16 on both paths; eager bf16 rounds the bias again
+        assert result[f"{name}/train"] == 0, result
+
+
+@needs_triton
 def test_layer_norm_kernel_matches_pytorch_in_the_interpreter():
     # Every width CoaT normalizes (64-512, 152 and 216 not powers of two) and an odd one; row counts that are not
     # multiples of a program's rows; strided and empty inputs; fp32/bf16 in and out.
@@ -556,6 +648,36 @@ def test_a_failed_fused_mlp_launch_warns_once_and_the_eager_mlp_runs(monkeypatch
             mlp.residual(x, norm, drop, fast=True)
 
 
+def test_a_failed_cpe_kernel_launch_warns_once_and_the_eager_cpe_runs(monkeypatch):
+    # The CPE kernel's launch fails the way the other kernels' can (ConvPosEnc): by default the eager ops give the
+    # same sum; asked for explicitly (COATVIT_TRITON=1), the error stands.
+    from coatvit import model as coat_model
+
+    monkeypatch.delenv(kernels.ENV, raising=False)
+    monkeypatch.setattr(kernels, "_auto_failure", None)
+    torch.manual_seed(0)
+    cpe = coat_model.ConvPosEnc(64).eval()
+    x = torch.randn(2, 1 + 5 * 7, 64)
+    launches = []
+
+    def broken(*args):
+        launches.append(1)
+        raise RuntimeError("Failed to find C compiler. Please specify via CC environment variable.")
+
+    with torch.no_grad():
+        expected = cpe(x, (5, 7))
+        taps = kernels.depthwise_taps(cpe.proj.weight, cpe.proj.bias)
+        monkeypatch.setattr(coat_model, "kernel_conv_taps", lambda *args: taps)  # as for CUDA inference
+        monkeypatch.setattr(kernels, "residual_dwconv", broken)
+        with pytest.warns(RuntimeWarning, match="Triton kernels failed .*C compiler"):
+            out = cpe(x, (5, 7))
+        assert torch.equal(out, expected) and len(launches) == 1
+        monkeypatch.setattr(kernels, "_auto_failure", None)
+        monkeypatch.setenv(kernels.ENV, "1")
+        with pytest.raises(RuntimeError, match="C compiler"):
+            cpe(x, (5, 7))
+
+
 def test_the_default_cpu_forward_never_imports_triton():
     code = ("import sys, torch, coatvit; m = coatvit.create_model('coat_test').eval(); m(torch.randn(1, 3, 64, 64)); "
             "print('triton' in sys.modules)")
@@ -623,31 +745,33 @@ def test_kernels_on_a_gpu_match_the_default_path(monkeypatch, name):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the policy itself is tested above)")
 def test_by_default_a_gpu_runs_the_kernels_for_batches_in_inference_and_training(monkeypatch):
     monkeypatch.delenv(kernels.ENV, raising=False)
-    calls, norms = [], []
-    forward, layer_norm = kernels._forward, kernels.layer_norm
+    calls, norms, convs = [], [], []
+    forward, layer_norm, dwconv = kernels._forward, kernels.layer_norm, kernels.residual_dwconv
     monkeypatch.setattr(kernels, "_forward", lambda *a: calls.append(1) or forward(*a))
     monkeypatch.setattr(kernels, "layer_norm", lambda *a: norms.append(1) or layer_norm(*a))
+    monkeypatch.setattr(kernels, "residual_dwconv", lambda *a: convs.append(1) or dwconv(*a))
     model = coatvit.create_model("coat_lite_tiny", num_classes=10).cuda()
     x = torch.randn(kernels.AUTO_MIN_BATCH, 3, 96, 128, device="cuda")
     ampere = torch.cuda.get_device_capability() >= (8, 0)
     with torch.no_grad():
         fast = model.eval()(x)
-    assert (len(calls), len(norms)) == ((6, 21) if ampere else (0, 0))  # stage 4's heads (D 64) eager
-    calls.clear(), norms.clear()
+    # stage 4's heads (D 64) eager; the CPE kernel before each of the 8 blocks
+    assert (len(calls), len(norms), len(convs)) == ((6, 21, 8) if ampere else (0, 0, 0))
+    calls.clear(), norms.clear(), convs.clear()
     kernels.set_enabled(False)
     try:
         with torch.no_grad():
             eager = model(x)
     finally:
         kernels.set_enabled(None)
-    assert not calls and not norms
+    assert not calls and not norms and not convs
     assert (fast - eager).abs().max().item() < 1e-3  # TF32 may be on: both paths' GEMMs round alike
     with torch.no_grad():
         model(x[:1])
-    assert not calls and not norms  # batch 1: the eager ops, faster while the GPU waits on the CPU
+    assert not calls and not norms and not convs  # batch 1: the eager ops, faster while the GPU waits on the CPU
     model.train()(x).sum().backward()
-    assert len(calls) == (6 if ampere else 0) and not norms  # training: the attention kernels (the last block's
-    # class-token row and stage 4 aside, as in inference), PyTorch's LayerNorm
+    assert len(calls) == (6 if ampere else 0) and not norms and not convs  # training: the attention kernels (the
+    # last block's class-token row and stage 4 aside, as in inference), PyTorch's LayerNorm and convolutions
     mlps = []
     residual_mlp = kernels.residual_mlp
     monkeypatch.setattr(kernels, "residual_mlp", lambda *a: mlps.append(1) or residual_mlp(*a))
@@ -679,6 +803,35 @@ def test_fused_mlp_kernel_on_a_gpu_matches_the_eager_ops_under_autocast():
         d, mlp_max = (got - ref).abs(), (ref - x).abs().max().item()
         assert d.max().item() <= 2 ** -7 * mlp_max, (C, d.max().item(), mlp_max)
         assert (d > 0).float().mean().item() < 0.03, C
+
+
+@needs_triton
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the interpreter tests above run here)")
+def test_cpe_kernel_on_a_gpu_matches_the_eager_convolution(monkeypatch):
+    # Compiled for the GPU at hand (autotuned tiles): the CPE as the models call it, kernels on against off, fp32
+    # and under bf16 autocast, at CoaT's widths and 224-px token grids
+    from coatvit.model import ConvPosEnc
+
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # fp32 convolutions on the eager path
+    torch.manual_seed(0)
+    monkeypatch.setattr(kernels, "CPE_ALIGNMENT", 8)  # CoaT's 152 channels on the kernel too
+    for side, C in ((56, 64), (28, 152), (14, 256), (7, 320)):
+        cpe = ConvPosEnc(C).cuda().eval()
+        x = torch.randn(8, 1 + side * side, C, device="cuda")
+        for autocast in (False, True):
+            got = {}
+            for use in (False, True):
+                kernels.set_enabled(use)
+                try:
+                    with torch.no_grad(), torch.autocast("cuda", torch.bfloat16, enabled=autocast):
+                        got[use] = cpe(x, (side, side))
+                finally:
+                    kernels.set_enabled(None)
+            eager, fast = got[False], got[True]
+            assert fast.dtype == eager.dtype and fast.shape == eager.shape and torch.equal(fast[:, 0], x[:, 0])
+            conv_max = (eager - x).abs().max().item()
+            bound = 2 ** -6 * conv_max if autocast else 1e-4  # bf16: the eager ops round the bias sum once more
+            assert (fast - eager).abs().max().item() <= bound, (side, C, autocast)
 
 
 @needs_triton

@@ -75,7 +75,8 @@ def expected_rows() -> dict[str, int]:
             distributed.test_surviving_rank_exits_with_clear_error_in_bounded_time),
         "GPU kernels fail to launch": cases(
             kernels_test.test_by_default_a_failed_kernel_launch_warns_once_and_the_eager_ops_take_over)
-            + cases(kernels_test.test_a_failed_fused_mlp_launch_warns_once_and_the_eager_mlp_runs),
+            + cases(kernels_test.test_a_failed_fused_mlp_launch_warns_once_and_the_eager_mlp_runs)
+            + cases(kernels_test.test_a_failed_cpe_kernel_launch_warns_once_and_the_eager_cpe_runs),
         "Native CPU kernels cannot be built or loaded": (
             cases(native_test.test_no_compiler_means_the_eager_ops_silently)
             + cases(native_test.test_a_failing_compiler_warns_once_and_the_eager_ops_run)

@@ -188,6 +188,13 @@ def _prune_mlp_configs(configs, named_args, **kwargs):
     return kept or configs[:1]
 
 
+def _dwconv_configs():
+    """Pixels and channels per program and warps the CPE kernel's autotuner tries (the interpreter bypasses it:
+    `coatvit.kernels.residual_dwconv`)."""
+    return [triton.Config({"BLOCK_P": p, "BLOCK_C": c}, num_warps=w)
+            for p, c, w in [(32, 64, 4), (64, 64, 4), (64, 32, 4), (16, 128, 4)]]
+
+
 @triton.autotune(configs=_mlp_configs(), key=["C", "H"], prune_configs_by={"early_config_prune": _prune_mlp_configs})
 @triton.jit
 def residual_mlp_kernel(x_ptr, nw_ptr, nb_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, y_ptr, M, C, H, stride_x, stride_y,
@@ -229,3 +236,55 @@ def residual_mlp_kernel(x_ptr, nw_ptr, nb_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, y
     b2 = _round(tl.load(b2_ptr + cols, mask=cmask, other=0.0).to(tl.float32), dt, INTERPRETER).to(tl.float32)
     y = x + _round(acc + b2[None, :], dt, INTERPRETER).to(tl.float32)
     tl.store(y_ptr + rows[:, None] * stride_y + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _widen(v, ROUND: tl.constexpr, BY_HAND: tl.constexpr):
+    """fp32 v rounded to the compute dtype (ROUND 1: bf16, 2: fp16, 0: none) and widened back to fp32."""
+    if ROUND == 1:
+        v = _round(v, tl.bfloat16, BY_HAND).to(tl.float32)
+    elif ROUND == 2:
+        v = v.to(tl.float16).to(tl.float32)
+    return v
+
+
+@triton.autotune(configs=_dwconv_configs(), key=["C", "K", "W"])
+@triton.jit
+def residual_dwconv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, B, H, W, C, skip, x_stride_b, x_stride_n, y_stride_b,
+                           y_stride_n, K: tl.constexpr, ROUND: tl.constexpr, BY_HAND: tl.constexpr,
+                           BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """y = x + DWConv(x) (KxK, zero padding K // 2) for the image tokens of x (B, skip + H*W, C), read in the token
+    layout, the leading `skip` tokens copied; BLOCK_P pixels (of the whole batch, images one after another) x
+    BLOCK_C channels per program. w holds the taps as (K*K, C), fp32; b (C,), fp32.
+
+    The convolution's inputs, taps and bias are rounded to the compute dtype (ROUND) as a convolution under
+    autocast rounds them, the products summed in fp32 and the sum rounded once; the residual sum is in fp32."""
+    P = H * W
+    q = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)  # pixel of the batch
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    qmask = q < B * P
+    cmask = c < C
+    b = q // P
+    p = q % P
+    py = p // W
+    px = p % W
+    x_img = x_ptr + (b * x_stride_b + skip * x_stride_n)[:, None] + c[None, :]  # (BLOCK_P, BLOCK_C) row starts
+    acc = tl.zeros((BLOCK_P, BLOCK_C), tl.float32)
+    for ky in tl.static_range(K):
+        yy = py + (ky - K // 2)
+        row_ok = qmask & (yy >= 0) & (yy < H)
+        for kx in tl.static_range(K):
+            xx = px + (kx - K // 2)
+            ok = row_ok & (xx >= 0) & (xx < W)
+            v = tl.load(x_img + ((yy * W + xx) * x_stride_n)[:, None], mask=ok[:, None] & cmask[None, :], other=0.0)
+            w = tl.load(w_ptr + (ky * K + kx) * C + c, mask=cmask, other=0.0)
+            acc += _widen(v.to(tl.float32), ROUND, BY_HAND) * _widen(w, ROUND, BY_HAND)[None, :]
+    acc += _widen(tl.load(b_ptr + c, mask=cmask, other=0.0), ROUND, BY_HAND)[None, :]
+    mask = qmask[:, None] & cmask[None, :]
+    out = _widen(acc, ROUND, BY_HAND) + tl.load(x_img + (p * x_stride_n)[:, None], mask=mask, other=0.0).to(tl.float32)
+    first = mask & (p == 0)[:, None]  # each image's first pixel also copies the image's leading (class) tokens
+    for r in range(0, skip):
+        lead = tl.load(x_ptr + (b * x_stride_b + r * x_stride_n)[:, None] + c[None, :], mask=first)
+        tl.store(y_ptr + (b * y_stride_b + r * y_stride_n)[:, None] + c[None, :], lead, mask=first)
+    y_rows = y_ptr + (b * y_stride_b + skip * y_stride_n)[:, None] + c[None, :]
+    tl.store(y_rows + (p * y_stride_n)[:, None], out.to(y_ptr.dtype.element_ty), mask=mask)

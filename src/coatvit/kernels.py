@@ -33,11 +33,19 @@ hidden activations stay in registers, rounded to the autocast dtype wherever the
 from Triton's autotuner. Models use it for the row widths in FUSED_MLP_WIDTHS (coat_lite's 64 and 128 channels):
 on an H100 it runs coat_lite's first stage's MLP 2.6x faster than the eager ops (benchmarks/fused_mlp.py).
 
+A seventh, `residual_dwconv_kernel`, runs the CPE in inference: x + DWConv3x3(x) over the image tokens, read in
+place in the (B, N, C) token layout, the class token copied, in one pass (the eager ops cast the tokens to a
+channels-last map, convolve, add the bias, add the tokens and copy the class token, several passes). It rounds
+where a convolution under autocast rounds. Models use it for rows of a multiple of CPE_ALIGNMENT (16) channels
+(coat_lite's 64-320): on an H100, 1.8-1.9x the eager ops; coat_lite_tiny inference 16438 img/s with it (15212 in
+the session before, without it; benchmarks/cpe_kernel.py, BENCHMARKS.md). The CRPE's 3-7 px convolution stays
+with cuDNN: the same kernel with the windows merged into a zero-padded 7x7 was about 2.5x slower than cuDNN there.
+
 When they run (`mode()`, from `set_enabled` or the environment variable `COATVIT_TRITON`):
 
 - `auto` (the default): CUDA tensors on a GPU of compute capability 8.0 or newer, in batches of `AUTO_MIN_BATCH`
   (128) images or more, inference and training. Measured on an H100 (BENCHMARKS.md, bf16 AMP, batch 256):
-  inference 1.81x faster for coat_lite_tiny and 1.61x for coat_tiny, training 1.15x for coat_tiny and 1.13x for
+  inference 1.95x faster for coat_lite_tiny and 1.61x for coat_tiny, training 1.15x for coat_tiny and 1.12x for
   coat_lite_tiny. Smaller batches keep the eager ops, being bound by the CPU's launches (see AUTO_MIN_BATCH), and
   so do attention heads of 40-64 channels (see EAGER_HEAD_WIDTHS). If a launch fails (Triton needs a C compiler
   at run time, say), it warns once and the eager ops serve the rest of the process.
@@ -390,4 +398,72 @@ def residual_mlp(x: torch.Tensor, norm_weight: torch.Tensor, norm_bias: torch.Te
         _kernels().residual_mlp_kernel[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),)](
             x2, norm_weight, norm_bias, w1, fc1_bias, w2, fc2_bias, y, M, C, w1.shape[0], x2.stride(0), C, eps,
             INTERPRETER=interpreting(), BLOCK_C=_padded_width(C))
+    return y
+
+
+_ROUND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a convolution or Linear computes in on x: the autocast dtype where autocast is on, else x's."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
+# The CPE kernel runs on rows of a multiple of this many channels. Triton specializes a kernel on integer arguments
+# divisible by 16, and only then knows a token row starts on a 16-element boundary and loads its channels in wide
+# vectors. On an H100 (bf16 autocast, batch 256, benchmarks/cpe_kernel.py, BENCHMARKS.md): 64 channels 1.80x the
+# eager ops, 128 channels 1.88x, but CoaT's 152 channels 0.30x (4.97 ms against 1.47 ms, element-wise loads).
+CPE_ALIGNMENT = 16
+
+
+def cpe_kernel_for(channels: int) -> bool:
+    """Whether a CPE over rows of this many channels takes `residual_dwconv` in a model (see CPE_ALIGNMENT)."""
+    return channels % CPE_ALIGNMENT == 0
+
+
+def depthwise_taps(weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A depthwise convolution's (C, 1, K, K) weight and (C,) bias as the operands of `residual_dwconv`: the taps
+    (K*K, C) and the bias (zeros where None), fp32 and contiguous."""
+    C, K = weight.shape[0], weight.shape[-1]
+    taps = weight.detach().reshape(C, K * K).t().float().contiguous()
+    bias = torch.zeros(C, device=weight.device) if bias is None else bias.detach().float().contiguous()
+    return taps, bias
+
+
+def residual_dwconv(x: torch.Tensor, taps: torch.Tensor, bias: torch.Tensor, size: tuple[int, int],
+                    dtype: torch.dtype) -> torch.Tensor:
+    """The CPE in one pass: x plus a depthwise KxK convolution (zero padding K // 2; taps and bias from
+    `depthwise_taps`) of the image tokens of x (B, N, C), the last H*W tokens, read in place in the token layout;
+    the leading (class) tokens copied. The convolution computes in `dtype` as it would under autocast (inputs, taps
+    and bias rounded to it, fp32 sums, the result rounded), the sum with x in fp32; returns (B, N, C) in x's dtype.
+    Inference only.
+
+    The eager ops cast the tokens to a channels-last map, convolve, add the bias, add the tokens and copy the class
+    token beside them, several passes over memory; here one pass reads x and writes the result."""
+    import triton
+
+    B, N, C = x.shape
+    H, W = size
+    K = int(round(taps.shape[0] ** 0.5))
+    if taps.shape != (K * K, C) or K % 2 == 0 or N < H * W or dtype not in _ROUND:
+        raise ValueError(f"residual_dwconv takes tokens (B, N >= H*W, C), odd KxK taps (K*K, C) and a float dtype, "
+                         f"got x {tuple(x.shape)}, size {tuple(size)}, taps {tuple(taps.shape)}, {dtype}")
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    y = torch.empty(B, N, C, device=x.device, dtype=x.dtype)
+    if B * H * W == 0:
+        return y.copy_(x)
+    args = (x, taps, bias, y, B, H, W, C, N - H * W, x.stride(0), x.stride(1), y.stride(0), y.stride(1))
+    consts = dict(K=K, ROUND=_ROUND[dtype], BY_HAND=interpreting())
+    kernel = _kernels().residual_dwconv_kernel
+    if interpreting():  # no autotuning: tiles about the size of the work (the interpreter pays per operation of a
+        # program, so few programs)
+        block_p, block_c = min(4096, triton.next_power_of_2(B * H * W)), min(256, triton.next_power_of_2(C))
+        kernel.fn[(triton.cdiv(B * H * W, block_p), triton.cdiv(C, block_c))](*args, **consts, BLOCK_P=block_p,
+                                                                              BLOCK_C=block_c)
+    else:
+        with _device_of(x):
+            kernel[lambda meta: (triton.cdiv(B * H * W, meta["BLOCK_P"]), triton.cdiv(C, meta["BLOCK_C"]))](
+                *args, **consts)
     return y

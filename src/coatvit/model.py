@@ -96,15 +96,16 @@ def native_inference(x: torch.Tensor, *modules: nn.Module) -> bool:
     return native.available()
 
 
-def derived_weights(owner: nn.Module, params: list[torch.Tensor], build):
-    """build(), a tensor or tuple derived from `params`, kept on `owner` until a parameter changes (in place, or
-    replaced); for inference-only use (built from the parameters' values, outside autograd)."""
+def derived_weights(owner: nn.Module, params: list[torch.Tensor], build, name: str = "native"):
+    """build(), a tensor or tuple derived from `params`, kept on `owner` under `name` until a parameter changes (in
+    place, or replaced); for inference-only use (built from the parameters' values, outside autograd)."""
     if any(p.is_inference() for p in params):  # no version counter to tell a change by: rebuilt per call
         return build()
     key = tuple((p.data_ptr(), p._version) for p in params)
-    cached = owner.__dict__.get("_derived_weights")  # a plain attribute: not a buffer, not in the state dict
+    kept = owner.__dict__.setdefault("_derived_weights", {})  # a plain attribute: not a buffer, not in the state dict
+    cached = kept.get(name)
     if cached is None or cached[0] != key:
-        cached = owner.__dict__["_derived_weights"] = (key, build())
+        cached = kept[name] = (key, build())
     return cached[1]
 
 
@@ -115,6 +116,18 @@ def native_conv_weights(owner: nn.Module, convs: list[nn.Conv2d], x: torch.Tenso
         return None
     return derived_weights(owner, [p for conv in convs for p in conv.parameters()],
                            lambda: native.depthwise_weights(convs))
+
+
+def kernel_conv_taps(owner: nn.Module, conv: nn.Conv2d, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The operands of `kernels.residual_dwconv` (`kernels.depthwise_taps` of the depthwise `conv`) where that
+    Triton kernel may stand in for `conv` and the residual sum on tokens x: GPU inference (`kernel_inference`) with
+    the kernels on (`kernels.use_kernels`) for its width (`kernels.cpe_kernel_for`), the conv called as built and
+    zero-padded; else None. Kept on `owner` until a parameter changes (`derived_weights`)."""
+    if not (kernel_inference(x, conv) and kernels.cpe_kernel_for(x.shape[-1]) and called_as_built(conv)
+            and conv.padding_mode == "zeros" and kernels.use_kernels(x)):
+        return None
+    return derived_weights(owner, list(conv.parameters()), lambda: kernels.depthwise_taps(conv.weight, conv.bias),
+                           name="triton")
 
 
 class LayerNorm(nn.LayerNorm):
@@ -343,6 +356,11 @@ class ConvPosEnc(nn.Module):
         H, W = size
         cls_token, img = x[:, :1], x[:, 1:]  # (B, 1, C), (B, H*W, C)
         if use_fast(self, x):
+            taps = kernel_conv_taps(self, self.proj, x)
+            if taps is not None:  # GPU inference: one Triton pass reads the tokens and writes x + conv
+                out = kernels.run(kernels.residual_dwconv, x, *taps, size, kernels.compute_dtype(x))
+                if out is not None:  # None: the launch failed, the eager ops run
+                    return out
             if not torch.is_grad_enabled() and not torch.compiler.is_compiling():
                 # eager inference: the sum goes straight into the output, no concatenation (Dynamo cannot trace
                 # a strided out=; compiled, inductor fuses the concatenation itself)
