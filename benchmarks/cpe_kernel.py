@@ -8,7 +8,8 @@ per CPE shape of coat_lite_tiny and coat_tiny.
 
 Each stage's CPE (ConvPosEnc) as the models run it in inference under bf16 autocast on the fp32 residual stream,
 with the kernels off (the eager ops: the tokens cast and copied to a channels-last map, cuDNN's convolution, the
-bias, the residual sum written beside the class token) and on (one Triton pass). Median milliseconds by
+bias, the residual sum written beside the class token) and on (one Triton pass, at every width: the models take it
+for multiples of kernels.CPE_ALIGNMENT channels). Median milliseconds by
 triton.testing.do_bench, after checking the kernel against the eager result; the last column is the launch setting
 the autotuner chose.
 """
@@ -31,6 +32,7 @@ SHAPES = {"lite-s1-64": (56, 64), "lite-s2-128": (28, 128), "lite-s3-256": (14, 
 def main() -> None:
     args = _ab.kernel_parser(__doc__.splitlines()[0], list(SHAPES)).parse_args()
     dev = _ab.kernel_device(args.device, "cpe_kernel.py")
+    kernels.CPE_ALIGNMENT = 1  # every width on the kernel when it is on, whatever the models' policy
     torch.manual_seed(0)
     for name in args.shapes:
         side, C = SHAPES[name]

@@ -429,6 +429,22 @@ def test_fused_mlp_script_checks_and_times_each_shape_in_the_interpreter():
 
 
 @needs_triton
+def test_cpe_kernel_script_checks_and_times_each_shape_in_the_interpreter():
+    # benchmarks/cpe_kernel.py as a GPU session runs it, here on the interpreter (timings meaningless)
+    done = _script("cpe_kernel.py", "--device", "cpu", "--batch-size", "1", "--shapes", "lite-s4-320", "tiny-s4-152")
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.strip().splitlines()
+    assert [line.split(":")[0] for line in lines] == ["lite-s4-320", "tiny-s4-152"], lines
+    assert lines[0].startswith("lite-s4-320: batch 1, 7x7 tokens, C 320: eager "), lines
+    assert all(line.endswith("autotuned none (interpreter)") for line in lines), lines
+    # the kernel at every width, 152 channels too (the models' policy keeps the eager ops there): the interpreter's
+    # kernel takes a hundred times the eager ops' time here
+    kernel_ms = [float(line.split("kernel ")[1].split(" ms")[0]) for line in lines]
+    eager_ms = [float(line.split("eager ")[1].split(" ms")[0]) for line in lines]
+    assert all(k > 10 * e for k, e in zip(kernel_ms, eager_ms)), lines
+
+
+@needs_triton
 def test_attention_kernel_gradients_match_the_eager_fast_path_in_the_interpreter():
     # The backward kernels: gradients of the block input and of every attention and CRPE weight, with and
     # without CRPE, narrow (8, padded to 16), CoaT's 19 (padded to 32) and wide (40) heads, several token blocks.
