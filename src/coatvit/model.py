@@ -96,7 +96,7 @@ def native_inference(x: torch.Tensor, *modules: nn.Module) -> bool:
     return native.available()
 
 
-def derived_weights(owner: nn.Module, params: list[torch.Tensor], build, name: str = "native"):
+def derived_weights(owner: nn.Module, params: list[torch.Tensor], build, name: str):
     """build(), a tensor or tuple derived from `params`, kept on `owner` under `name` until a parameter changes (in
     place, or replaced); for inference-only use (built from the parameters' values, outside autograd)."""
     if any(p.is_inference() for p in params):  # no version counter to tell a change by: rebuilt per call
@@ -115,7 +115,7 @@ def native_conv_weights(owner: nn.Module, convs: list[nn.Conv2d], x: torch.Tenso
     if not native_inference(x, *convs):
         return None
     return derived_weights(owner, [p for conv in convs for p in conv.parameters()],
-                           lambda: native.depthwise_weights(convs))
+                           lambda: native.depthwise_weights(convs), name="native")
 
 
 def kernel_conv_taps(owner: nn.Module, conv: nn.Conv2d, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -203,7 +203,7 @@ class PatchEmbed(nn.Module):
         p = self.proj.stride[0]
         h, w = H // p, W // p
         weight = derived_weights(self, [self.proj.weight], lambda: self.proj.weight.detach().permute(0, 2, 3, 1)
-                                 .reshape(self.proj.out_channels, -1).t().contiguous())  # (p*p*C, out)
+                                 .reshape(self.proj.out_channels, -1).t().contiguous(), name="gemm")  # (p*p*C, out)
         patches = x[:, :, :h * p, :w * p].permute(0, 2, 3, 1).reshape(B, h, p, w, p, C)
         patches = patches.permute(0, 1, 3, 2, 4, 5).reshape(B * h * w, p * p * C)  # (B*h*w, p*p*C), one copy
         out = torch.addmm(self.proj.bias, patches, weight)  # (B*h*w, out)
