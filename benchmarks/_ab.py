@@ -1,7 +1,7 @@
 """Shared command line of the A/B scripts that time one model-level switch on a CPU (crpe_kernels.py,
 class_token_shortcut.py, mlp_chunks.py, train_chunks.py, mlp_backward.py, patch_embed.py) and of gemm_floor.py:
 models as NAME:BATCH, image size, threads, repeats; and the command line and device check of the GPU kernel
-scripts (layer_norm_sweep.py, fused_mlp.py, kernel_widths.py)."""
+scripts (layer_norm_sweep.py, fused_mlp.py, cpe_kernel.py, kernel_widths.py)."""
 
 from __future__ import annotations
 
@@ -48,7 +48,8 @@ def gradients(model: torch.nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
 
 def kernel_parser(description: str, shapes: list[str]) -> argparse.ArgumentParser:
     """Command line of the GPU kernel scripts that time one kernel per CoaT shape (layer_norm_sweep.py,
-    fused_mlp.py): which shapes, the batch size, and the device (cuda, or cpu under Triton's interpreter)."""
+    fused_mlp.py, cpe_kernel.py): which shapes, the batch size, and the device (cuda, or cpu under Triton's
+    interpreter)."""
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--shapes", nargs="+", default=shapes, choices=shapes)
     p.add_argument("--batch-size", type=int, default=256)

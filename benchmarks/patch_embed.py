@@ -23,7 +23,6 @@ from coatvit.model import PatchEmbed
 import _ab
 
 
-
 def compare(label: str, fn, batch: int, repeats: int, gemm_max_patches: int) -> str:
     """One table row: fn() timed with no GEMM embedding and with `PatchEmbed.gemm_max_patches` = gemm_max_patches;
     the GEMM's speedup as the median of per-repeat ratios."""
