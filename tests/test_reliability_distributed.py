@@ -101,3 +101,30 @@ def test_surviving_rank_exits_with_clear_error_in_bounded_time(faulty_runs, faul
     exited_at = float(err.rsplit("EXIT 2 AT ", 1)[1].split()[0])
     waited = exited_at - float(marker.read_text())
     assert 0 <= waited < bound_s, f"rank 0 needed {waited:.1f} s after rank 1's fault"
+
+
+# A failed collective in a run whose shutdown would abort: the atexit finalizer stands in for a process group whose
+# C++ threads still wait on the lost peer (CI once saw such a rank print its error and then die with SIGABRT).
+_TEARDOWN = r'''
+import os, sys, weakref
+import torch.distributed as dist
+import coatvit.cli as cli
+
+dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{sys.argv[1]}", rank=0, world_size=1)
+weakref.finalize(cli, os.abort)
+
+
+def lose_peer(args):
+    raise RuntimeError("[gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:40000")
+
+
+cli.COMMANDS["list"] = (cli.COMMANDS["list"][0], lose_peer)
+sys.exit(cli.main(["list"]))
+'''
+
+
+def test_rank_that_lost_its_peer_exits_2_without_tearing_the_group_down():
+    done = subprocess.run([sys.executable, "-c", _TEARDOWN, str(_free_port())], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert done.stderr.strip().splitlines()[-1].startswith("coatvit list: error: rank 0 lost contact"), done.stderr

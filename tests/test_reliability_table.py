@@ -72,7 +72,7 @@ def expected_rows() -> dict[str, int]:
             + cases(fuzz.test_min_input_size_is_exact) + cases(fuzz.test_wrong_layout_gives_documented_error)
             + cases(fuzz.test_integer_images_give_documented_error)),
         "Dead or hung rank in 2-process DDP": cases(
-            distributed.test_surviving_rank_exits_with_clear_error_in_bounded_time),
+            distributed.test_surviving_rank_exits_with_clear_error_in_bounded_time) + 1,
         "GPU kernels fail to launch": cases(
             kernels_test.test_by_default_a_failed_kernel_launch_warns_once_and_the_eager_ops_take_over)
             + cases(kernels_test.test_a_failed_fused_mlp_launch_warns_once_and_the_eager_mlp_runs)

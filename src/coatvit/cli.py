@@ -7,8 +7,11 @@ Every subcommand registers itself in `COMMANDS` through `add_<name>_parser`; not
 from __future__ import annotations
 
 import argparse
+import atexit
 import errno
 import json
+import logging
+import os
 import re
 import sys
 from typing import Any, Callable
@@ -690,13 +693,38 @@ def main(argv: list[str] | None = None) -> int:
         if msg is None:
             raise
         print(f"coatvit {args._command}: error: {msg}", file=sys.stderr)
+        if _lost_peer(e):
+            atexit.register(_exit_without_teardown, 2)
         return 2
     except KeyboardInterrupt:
         print(f"coatvit {args._command}: interrupted", file=sys.stderr)
         return 130
 
 
+def _exit_without_teardown(code: int) -> None:
+    """Ends the process with `code` at interpreter exit, before the process group is torn down.
+
+    After a peer died or hung, the group's C++ threads can still be waiting on it; destroying them at shutdown
+    sometimes aborts the process ("terminate called without an active exception", exit status -6 instead of 2).
+    Registered with atexit once the error is printed; flushes the logs and the standard streams first.
+    """
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # closed or broken: nothing left to save
+            pass
+    os._exit(code)
+
+
 _DIST_FAILURE = re.compile(r"connection (reset|closed|refused)|broken pipe|timed? ?out|gloo|nccl|socket", re.I)
+
+
+def _lost_peer(e: BaseException) -> bool:
+    """Whether e is a distributed run losing one of its processes (a collective failed or timed out)."""
+    dist = sys.modules.get("torch.distributed")
+    return (isinstance(e, RuntimeError) and dist is not None and dist.is_available() and dist.is_initialized()
+            and (isinstance(e, getattr(dist, "DistError", ())) or bool(_DIST_FAILURE.search(str(e)))))
 
 
 def _runtime_failure(e: BaseException, args: argparse.Namespace) -> str | None:
@@ -710,10 +738,8 @@ def _runtime_failure(e: BaseException, args: argparse.Namespace) -> str | None:
         where = f" writing {e.filename}" if e.filename else ""
         return (f"{e.strerror or first}{where}; files are written atomically, so the previous checkpoint is intact: "
                 f"free space or pick another --output, then --resume")
-    dist = sys.modules.get("torch.distributed")
-    if (isinstance(e, RuntimeError) and dist is not None and dist.is_available() and dist.is_initialized()
-            and (isinstance(e, getattr(dist, "DistError", ())) or _DIST_FAILURE.search(str(e)))):
-        rank = dist.get_rank()
+    if _lost_peer(e):
+        rank = sys.modules["torch.distributed"].get_rank()
         return (f"rank {rank} lost contact with the other processes of the distributed run ({first}); another rank "
                 f"probably died or hung (see its log). Restart all ranks with --resume RUN_DIR/last.pth")
     return None
