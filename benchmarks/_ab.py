@@ -1,11 +1,12 @@
 """Shared command line of the A/B scripts that time one model-level switch on a CPU (crpe_kernels.py,
-class_token_shortcut.py, mlp_chunks.py, train_chunks.py, mlp_backward.py, patch_embed.py) and of gemm_floor.py:
-models as NAME:BATCH, image size, threads, repeats; and the command line and device check of the GPU kernel
-scripts (layer_norm_sweep.py, fused_mlp.py, cpe_kernel.py, kernel_widths.py)."""
+class_token_shortcut.py, mlp_chunks.py, train_chunks.py, mlp_backward.py, patch_embed.py, onednn_linear.py) and
+of gemm_floor.py: models as NAME:BATCH, image size, threads, repeats, the A/B table; and the command line and
+device check of the GPU kernel scripts (layer_norm_sweep.py, fused_mlp.py, cpe_kernel.py, kernel_widths.py)."""
 
 from __future__ import annotations
 
 import argparse
+import statistics
 
 import torch
 
@@ -29,6 +30,21 @@ def start(args: argparse.Namespace, tune_allocator: bool = True) -> list[tuple[s
     print(f"torch {torch.__version__}, {args.threads} threads, {args.img_size} px, median of {args.repeats}, "
           f"allocator {'tuned' if tune_allocator else 'default'}")
     return [(spec.split(":")[0], int(spec.split(":")[1])) for spec in args.models]
+
+
+def print_ab_table(models: list[tuple[str, int]], modes: list[str], time_both, repeats: int, img_size: int,
+                   on: str, off: str) -> None:
+    """The table of a model-level switch: per model and mode, `time_both(name, mode, batch, img_size, repeats)`'s
+    medians with the switch on and off (dict keys True / False, seconds per step) and the median per-repeat speedup."""
+    print(f"| model | mode | batch | {on} (ms) | {off} (ms) | speedup: median of per-repeat ratios (min-max) |")
+    print("|---|---|---|---|---|---|")
+    for name, batch in models:
+        for mode in modes:
+            t = time_both(name, mode, batch, img_size, repeats)
+            ratios = [b / a for a, b in zip(t[True], t[False])]
+            print(f"| {name} | {mode} | {1 if mode == 'latency' else batch} | {statistics.median(t[True]) * 1e3:.1f} "
+                  f"| {statistics.median(t[False]) * 1e3:.1f} | {statistics.median(ratios):.3f}x "
+                  f"({min(ratios):.3f}-{max(ratios):.3f}) |", flush=True)
 
 
 def training_model(name: str, batch: int, img_size: int) -> tuple[torch.nn.Module, torch.Tensor]:

@@ -11,8 +11,6 @@ and training steps (forward, cross-entropy, backward, AdamW):
 
 from __future__ import annotations
 
-import statistics
-
 import torch
 
 import coatvit
@@ -45,15 +43,7 @@ def main() -> None:
                         choices=["infer", "latency", "train"])
     args = parser.parse_args()
     models = _ab.start(args)
-    print("| model | mode | batch | with shortcut (ms) | without (ms) | speedup: median of per-repeat ratios (min-max) |")
-    print("|---|---|---|---|---|---|")
-    for name, batch in models:
-        for mode in args.modes:
-            t = time_both(name, mode, batch, args.img_size, args.repeats)
-            ratios = [b / a for a, b in zip(t[True], t[False])]
-            print(f"| {name} | {mode} | {1 if mode == 'latency' else batch} | {statistics.median(t[True]) * 1e3:.1f} "
-                  f"| {statistics.median(t[False]) * 1e3:.1f} | {statistics.median(ratios):.3f}x "
-                  f"({min(ratios):.3f}-{max(ratios):.3f}) |", flush=True)
+    _ab.print_ab_table(models, args.modes, time_both, args.repeats, args.img_size, on="with shortcut", off="without")
 
 
 if __name__ == "__main__":

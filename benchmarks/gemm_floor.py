@@ -9,7 +9,8 @@ without faster GEMMs. Tuned allocator (no page faults on either side), so the ta
 passes; in a plain process timm also pays its page faults (BENCHMARKS.md, "Where the CPU lead comes from").
 
 A product replayed alone finds its operands in cache more often than inside the model, so the floor is a slight
-underestimate; read it to about +-10%.
+underestimate; read it to about +-10%. Our linear layers run through PyTorch's products here, as timm's do
+(`coatvit.onednn` off: its opaque weights cannot be replayed this way).
 
     python benchmarks/gemm_floor.py --models coat_tiny:16 coat_lite_tiny:16 coat_lite_tiny:1
 """
@@ -23,6 +24,7 @@ import time
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from coatvit import onednn
 from coatvit.benchmark import BenchmarkConfig, build_model, time_interleaved
 
 import _ab
@@ -104,6 +106,7 @@ def main() -> None:
     parser.add_argument("--replays", type=int, default=7, help="timed runs of each distinct product alone")
     args = parser.parse_args()
     models = _ab.start(args)
+    onednn.set_enabled(False)
     kinds = ("linear GEMMs", "attention products", "convolutions")
     print("| model | batch | impl | forward ms | " + " | ".join(f"{k} ms" for k in kinds)
           + " | everything else ms | products + convs share | forward if everything else took no time |")

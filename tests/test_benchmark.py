@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import importlib
 import json
 import re
 
@@ -86,32 +87,39 @@ def test_vs_timm_builds_timm_model_for_our_own_variant():
     assert rows[1]["impl"] == "timm" and rows[1]["infer_speedup"] > 0 and "train_step_time" not in rows[1]
 
 
-def test_ours_no_native_contender_runs_without_the_native_kernels(monkeypatch):
-    from coatvit import native
-
+@pytest.mark.parametrize("impl, module", [("ours-no-native", "native"), ("ours-no-onednn", "onednn")])
+def test_ours_no_native_and_no_onednn_contenders_run_with_their_switch_off(monkeypatch, impl, module):
+    switch = importlib.import_module(f"coatvit.{module}")
     seen = []
     real = benchmark.make_step
 
     def spying_step(mode, model, cfg):
         step = real(mode, model, cfg)
-        return lambda: (seen.append(native.enabled()), step())
+        return lambda: (seen.append(switch.enabled()), step())
 
     monkeypatch.setattr(benchmark, "make_step", spying_step)
-    cfg = benchmark.BenchmarkConfig(**{**TINY, "repeats": 1}, vs=("ours-no-native",), modes=("latency",))
-    steps = {impl: benchmark.contender_step(impl, "latency", benchmark.build_model(impl, cfg), cfg)
-             for impl in ("ours", "ours-no-native")}
+    cfg = benchmark.BenchmarkConfig(**{**TINY, "repeats": 1}, vs=(impl,), modes=("latency",))
+    steps = {name: benchmark.contender_step(name, "latency", benchmark.build_model(name, cfg), cfg)
+             for name in ("ours", impl)}
     steps["ours"]()
-    steps["ours-no-native"]()
+    steps[impl]()
     steps["ours"]()
     assert seen == [True, False, True]
 
 
-def test_the_log_says_whether_the_native_kernels_run(monkeypatch):
+def test_the_log_says_whether_the_native_kernels_and_onednn_run(monkeypatch):
     from coatvit import native
 
     for env, expected in (("1", "native kernels on" if native.available() else "native kernels off ("),
                           ("0", "native kernels off (COATVIT_NATIVE=0)")):
         monkeypatch.setenv(native.ENV, env)
+        lines = []
+        benchmark.run_benchmark(benchmark.BenchmarkConfig(**{**TINY, "repeats": 1}, vs=(), modes=("latency",)),
+                                log=lines.append)
+        assert expected in lines[0]
+    monkeypatch.setenv(native.ENV, "1")
+    for env, expected in (("1", "oneDNN linear on"), ("0", "oneDNN linear off (COATVIT_ONEDNN=0)")):
+        monkeypatch.setenv("COATVIT_ONEDNN", env)
         lines = []
         benchmark.run_benchmark(benchmark.BenchmarkConfig(**{**TINY, "repeats": 1}, vs=(), modes=("latency",)),
                                 log=lines.append)

@@ -11,6 +11,7 @@ from torch import nn
 
 import coatvit
 from coatvit import model as model_module
+from coatvit import onednn
 
 # Big variants at small inputs keep this file fast; the size is odd, non-square and not a multiple of 32
 # (grids 17x25, 8x12, 4x6, 2x3: every parallel-block resize has a real source and target).
@@ -117,6 +118,7 @@ def test_mlp_in_several_token_chunks(monkeypatch, in_place):
 def test_in_place_mlp_chunks_are_bit_identical_to_calling_the_layers(monkeypatch, name):
     monkeypatch.setattr(model_module.Mlp, "chunk_elements", 300 * 512)  # several chunks per MLP, a short last one
     monkeypatch.setattr(model_module.Mlp, "native_gelu", False)  # PyTorch's GELU in both: the same kernels
+    monkeypatch.setattr(onednn, "_enabled", False)  # and PyTorch's products
     model = _model(name).eval()
     x = torch.randn(3, 3, *SIZE)
     outputs = []
@@ -130,6 +132,9 @@ def test_in_place_mlp_chunks_are_bit_identical_to_calling_the_layers(monkeypatch
     assert outputs[1].dtype == torch.bfloat16 and not torch.equal(outputs[0], outputs[1].float())
     monkeypatch.setattr(model_module.Mlp, "in_place_chunks", True)
     monkeypatch.setattr(model_module.Mlp, "native_gelu", True)  # the native GELU (where built): within 1e-6 each
+    with torch.inference_mode():
+        torch.testing.assert_close(model(x), outputs[0], atol=1e-5, rtol=1e-5)
+    monkeypatch.setattr(onednn, "_enabled", None)  # oneDNN's products and fused GELU (where present): the same
     with torch.inference_mode():
         torch.testing.assert_close(model(x), outputs[0], atol=1e-5, rtol=1e-5)
 

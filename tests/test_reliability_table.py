@@ -10,6 +10,7 @@ from pathlib import Path
 import test_fuzz as fuzz
 import test_kernels as kernels_test
 import test_native as native_test
+import test_onednn as onednn_test
 import test_reliability_atomic as atomic
 import test_reliability_cli as cli
 import test_reliability_crash as crash
@@ -81,6 +82,8 @@ def expected_rows() -> dict[str, int]:
             cases(native_test.test_no_compiler_means_the_eager_ops_silently)
             + cases(native_test.test_a_failing_compiler_warns_once_and_the_eager_ops_run)
             + cases(native_test.test_a_damaged_library_file_is_rebuilt)),
+        "oneDNN's linear layers fail": cases(
+            onednn_test.test_a_failing_onednn_call_warns_once_and_pytorch_layers_take_over),
     }
 
 

@@ -35,7 +35,7 @@ except ImportError:  # Windows
 from .runtime import allocator_tuned, tune_cpu_allocator
 
 BASELINES = ("timm", "timm-compile", "reference", "ours-compile", "ours-ckpt", "ours-triton", "ours-no-triton",
-             "ours-no-native")
+             "ours-no-native", "ours-no-onednn")
 MODES = ("infer", "latency", "train")
 AMP_DTYPES = {"none": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
@@ -75,7 +75,9 @@ class BenchmarkConfig:
             speed and peak memory it trades), 'ours-triton' (ours with the Triton kernels of `coatvit.kernels`
             forced on, any batch size: CUDA), 'ours-no-triton' (ours with them off; 'ours' itself follows their
             default, `COATVIT_TRITON`: on for CUDA batches of 128 images or more), 'ours-no-native' (ours without
-            the native CPU kernels of `coatvit.native`, which 'ours' runs where `COATVIT_NATIVE` allows).
+            the native CPU kernels of `coatvit.native`, which 'ours' runs where `COATVIT_NATIVE` allows),
+            'ours-no-onednn' (ours with its linear layers through PyTorch's own kernels instead of oneDNN's,
+            `coatvit.onednn`, which 'ours' takes where `COATVIT_ONEDNN` allows).
         modes: which of 'infer', 'latency', 'train' to run.
         repeats: interleaved repeats; the median and the spread (min-max) are reported.
         steps: timed steps per repeat (their mean is one sample).
@@ -154,7 +156,8 @@ def build_model(impl: str, cfg: BenchmarkConfig) -> nn.Module:
     reference path), 'timm', or a '-compile' variant."""
     base = impl.removesuffix("-compile")
     torch.manual_seed(cfg.seed)
-    if base in ("ours", "ours-ckpt", "ours-triton", "ours-no-triton", "ours-no-native", "reference"):
+    if base in ("ours", "ours-ckpt", "ours-triton", "ours-no-triton", "ours-no-native", "ours-no-onednn",
+                "reference"):
         from .registry import create_model
 
         model = create_model(cfg.model)
@@ -219,13 +222,15 @@ def _timm_model(name: str, config, img_size: tuple[int, int]) -> nn.Module:
 
 def contender_step(impl: str, mode: str, model: nn.Module, cfg: BenchmarkConfig) -> Callable[[], None]:
     """`make_step` for one contender; 'ours-triton' runs its steps with `coatvit.kernels` forced on,
-    'ours-no-triton' with them off, 'ours-no-native' with `coatvit.native` off."""
+    'ours-no-triton' with them off, 'ours-no-native' with `coatvit.native` off, 'ours-no-onednn' with
+    `coatvit.onednn` off."""
     step = make_step(mode, model, cfg)
-    if impl not in ("ours-triton", "ours-no-triton", "ours-no-native"):
+    if impl not in ("ours-triton", "ours-no-triton", "ours-no-native", "ours-no-onednn"):
         return step
-    from . import kernels, native
+    from . import kernels, native, onednn
 
-    switch, on = (native, False) if impl == "ours-no-native" else (kernels, impl == "ours-triton")
+    switch, on = {"ours-no-native": (native, False), "ours-no-onednn": (onednn, False)}.get(
+        impl, (kernels, impl == "ours-triton"))
 
     def with_kernels():
         switch.set_enabled(on)
@@ -493,14 +498,19 @@ def _allocator() -> str:
 
 
 def _native_kernels(device: str) -> str:
-    """', native kernels on' or '... off (why)' on a CPU (whether 'ours' runs `coatvit.native`), else ''."""
+    """', native kernels on' or '... off (why)' on a CPU (whether 'ours' runs `coatvit.native`), then the same for
+    `coatvit.onednn`'s linear layers; else ''."""
     if not device.startswith("cpu"):
         return ""
-    from . import native
+    from . import native, onednn
 
     if not native.enabled():
-        return f", native kernels off ({native.ENV}=0)"
-    return ", native kernels on" if native.available() else f", native kernels off ({native.failure()})"
+        line = f", native kernels off ({native.ENV}=0)"
+    else:
+        line = ", native kernels on" if native.available() else f", native kernels off ({native.failure()})"
+    if not onednn.enabled():
+        return line + f", oneDNN linear off ({onednn.ENV}=0)"
+    return line + (", oneDNN linear on" if onednn.available() else ", oneDNN linear off (unavailable)")
 
 
 def _load(load: Sequence[float]) -> str:

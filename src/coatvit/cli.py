@@ -597,7 +597,8 @@ def _add_benchmark(sub):
     p.add_argument("--vs", nargs="*", default=["timm"], metavar="BASELINE",
                    help="baselines: timm, timm-compile, reference, ours-compile, ours-ckpt (with gradient "
                         "checkpointing), ours-triton / ours-no-triton (Triton kernels forced on / off, "
-                        "CUDA), ours-no-native (without the native CPU kernels); none: ours alone")
+                        "CUDA), ours-no-native (without the native CPU kernels), ours-no-onednn (linear layers "
+                        "through PyTorch's kernels, not oneDNN's); none: ours alone")
     p.add_argument("--modes", nargs="+", default=["infer", "latency", "train"], metavar="MODE",
                    help="infer (batch), latency (batch 1), train (fwd + bwd + AdamW)")
     p.add_argument("--repeats", type=int, default=5, help="interleaved repeats (median and min-max reported)")

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from . import kernels, native, runtime
+from . import kernels, native, onednn, runtime
 from .config import CoaTConfig
 
 Size = tuple[int, int]
@@ -83,17 +83,39 @@ def called_as_built(*modules: nn.Module) -> bool:
                for m in modules)
 
 
-def native_inference(x: torch.Tensor, *modules: nn.Module) -> bool:
-    """Whether the native CPU kernels (`coatvit.native`) may stand in for `modules` on `x`: float32 CPU tokens with
-    nothing for autograd to record, outside graph capture and autocast (whose bf16 convolutions they would not
-    round like), the modules called as built, the kernels on and built."""
+def cpu_inference(x: torch.Tensor, *modules: nn.Module) -> bool:
+    """Whether CPU-only code may stand in for `modules` on `x`: float32 CPU tokens with nothing for autograd to
+    record, outside graph capture and autocast (whose bf16 products and convolutions it would not round like), the
+    modules called as built."""
     if x.device.type != "cpu" or x.dtype != torch.float32 or capturing_graph() or not called_as_built(*modules):
         return False
     if torch.is_autocast_enabled("cpu"):
         return False
-    if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for m in modules for p in m.parameters())):
-        return False
-    return native.available()
+    return not (torch.is_grad_enabled()
+                and (x.requires_grad or any(p.requires_grad for m in modules for p in m.parameters())))
+
+
+def native_inference(x: torch.Tensor, *modules: nn.Module) -> bool:
+    """Whether the native CPU kernels (`coatvit.native`) may stand in for `modules` on `x`: `cpu_inference`, the
+    kernels on and built."""
+    return cpu_inference(x, *modules) and native.available()
+
+
+def onednn_linear(layer: nn.Linear, x: torch.Tensor, gelu: str | None = None,
+                  add: torch.Tensor | None = None) -> torch.Tensor | None:
+    """layer(x), then GELU(approximate=`gelu`) or + `add` where given, as one oneDNN call with the layer's weight
+    reordered once (`coatvit.onednn`) where that may stand in (`cpu_inference`, oneDNN on, a product of at least
+    `onednn.MIN_MACS`); else None, and the caller runs the layer itself."""
+    if not (cpu_inference(x, layer) and onednn.worth_it(x.numel() // max(x.shape[-1], 1), layer)
+            and onednn.available()):
+        return None
+    return onednn.linear(x, layer, gelu, add)
+
+
+def linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """layer(x), through oneDNN where `onednn_linear` may."""
+    out = onednn_linear(layer, x)
+    return layer(x) if out is None else out
 
 
 def derived_weights(owner: nn.Module, params: list[torch.Tensor], build, name: str):
@@ -465,10 +487,13 @@ class FactorAttnConvRelPosEnc(nn.Module):
 
     fast_path = True
 
-    def forward(self, x: torch.Tensor, size: Size, crpe: ConvRelPosEnc | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, size: Size, crpe: ConvRelPosEnc | None,
+                residual: torch.Tensor | None = None) -> torch.Tensor:
+        """The attention's output for normed tokens x (B, N, C); plus `residual` where given (in CPU inference the
+        output projection adds it in the same oneDNN call)."""
         B, N, C = x.shape
         if use_fast(self, x):
-            return self.forward_fast(x, size, crpe)
+            return self.forward_fast(x, size, crpe, residual)
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # (B, h, N, Ch)
         context = k.softmax(dim=2).transpose(-1, -2) @ v  # (B, h, Ch, Ch); softmax over all N tokens
@@ -476,9 +501,10 @@ class FactorAttnConvRelPosEnc(nn.Module):
         if crpe is not None:
             out = out + crpe(q, v, size)
         out = out.transpose(1, 2).reshape(B, N, C)  # (B, N, h, Ch) -> (B, N, C)
-        return self.proj(out)
+        return self.proj(out) if residual is None else residual + self.proj(out)
 
-    def forward_fast(self, x: torch.Tensor, size: Size, crpe: ConvRelPosEnc | None) -> torch.Tensor:
+    def forward_fast(self, x: torch.Tensor, size: Size, crpe: ConvRelPosEnc | None,
+                     residual: torch.Tensor | None = None) -> torch.Tensor:
         """The same equations with q, k, v kept as (B, N, C) views of the projection.
 
         Wide heads take per-head products (head permutes of q, k, v and the output, 1/h of the MACs). Narrow heads
@@ -494,8 +520,8 @@ class FactorAttnConvRelPosEnc(nn.Module):
             conv_v = None if crpe is None else crpe.conv_tokens(qkv[..., 2 * C:], size)
             out = kernels.run(kernels.factor_attention, qkv, h, self.scale, conv_v)
             if out is not None:  # None: the launch failed, the eager ops below run
-                return self.proj(out)
-        qkv = self.qkv(x)  # (B, N, 3C)
+                return self.project(out, residual)
+        qkv = linear(self.qkv, x)  # (B, N, 3C)
         q, k, v = qkv.unflatten(-1, (3, C)).unbind(2)  # (B, N, C) views, heads side by side
         if self.native_heads and native.factor_attention_ok(C, h):
             out = None
@@ -504,7 +530,7 @@ class FactorAttnConvRelPosEnc(nn.Module):
             elif native_training(qkv, self.qkv) and NativeFactorAttention.enabled:
                 out = NativeFactorAttention.apply(qkv, h, self.scale)  # the same, backward natively too
             if out is not None:
-                return self.proj(out if crpe is None else crpe.add_to(out, q, v, size))
+                return self.project(out if crpe is None else crpe.add_to(out, q, v, size), residual)
         k = k.softmax(dim=1)  # (B, N, C); softmax over all N tokens per channel
         if C // h >= self.per_head_min_channels:
             context = self.head_context(k, v)
@@ -515,7 +541,14 @@ class FactorAttnConvRelPosEnc(nn.Module):
             out = q @ (context * self.head_mask(C, x))  # (B, N, C)
         if crpe is not None:
             out = crpe.add_to(out, q, v, size)
-        return self.proj(out)
+        return self.project(out, residual)
+
+    def project(self, out: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+        """proj(out), plus the residual where given: one oneDNN call where `onednn_linear` may."""
+        y = onednn_linear(self.proj, out, add=residual)
+        if y is not None:
+            return y
+        return self.proj(out) if residual is None else residual + self.proj(out)
 
     def forward_class_token(self, x: torch.Tensor) -> torch.Tensor:
         """The class token's output row alone, (B, 1, C), from normed tokens x (B, N, C): k and v of every token,
@@ -692,11 +725,20 @@ class Mlp(nn.Module):
                 chunk = flat[i:i + rows]
                 torch.add(chunk, self(norm(chunk)), out=out[i:i + rows])
             return out.view_as(x)
-        hidden = flat.new_empty(min(rows, flat.shape[0]), self.fc1.out_features)  # (rows, hidden), reused
+        hidden = None  # (rows, hidden), reused
         w1, w2 = self.fc1.weight.t(), self.fc2.weight.t()
         for i in range(0, flat.shape[0], rows):
             chunk = flat[i:i + rows]
-            h = torch.addmm(self.fc1.bias, norm(chunk), w1, out=hidden[:chunk.shape[0]])  # F.linear's own kernel
+            normed = norm(chunk)
+            # oneDNN where it may: fc1 and the GELU in one call, then fc2 and the residual in another
+            h = onednn_linear(self.fc1, normed, gelu=self.act.approximate)
+            y = None if h is None else onednn_linear(self.fc2, h, add=chunk)
+            if y is not None:
+                out[i:i + rows] = y
+                continue
+            if hidden is None:
+                hidden = flat.new_empty(min(rows, flat.shape[0]), self.fc1.out_features)
+            h = torch.addmm(self.fc1.bias, normed, w1, out=hidden[:chunk.shape[0]])  # F.linear's own kernel
             self.gelu_chunk(h, self.act.approximate, out=h)
             torch.addmm(self.fc2.bias, h, w2, out=out[i:i + rows]).add_(chunk)  # fc2 + residual, in the output
         return out.view_as(x)
@@ -838,7 +880,7 @@ class SerialBlock(nn.Module):
             xb = x[b:b + step]  # (b, N, C)
             if cpe is not None:
                 xb = cpe(xb, size)
-            xb = xb + self.factoratt_crpe(self.norm1(xb), size, crpe)
+            xb = self.factoratt_crpe(self.norm1(xb), size, crpe, residual=xb)
             self.mlp.residual_in_chunks(xb, self.norm2, out=out[b:b + step])
         return out
 

@@ -54,6 +54,8 @@ from typing import NamedTuple
 
 import torch
 
+from . import runtime
+
 ENV = "COATVIT_NATIVE"
 SOURCE = Path(__file__).parent / "csrc" / "cpu_kernels.c"
 
@@ -70,7 +72,7 @@ def set_enabled(enable: bool | None) -> None:
 def enabled() -> bool:
     if _enabled is not None:
         return _enabled
-    return os.environ.get(ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+    return not runtime.env_switched_off(ENV)
 
 
 def failure() -> str | None:

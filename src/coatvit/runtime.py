@@ -73,8 +73,13 @@ def fresh_pages_for_large_blocks() -> bool:
     return not any(name in env.get("LD_PRELOAD", "") for name in ("jemalloc", "tcmalloc", "mimalloc"))
 
 
+def env_switched_off(name: str) -> bool:
+    """Whether the environment variable `name` turns its feature off (0/false/no/off; unset means on)."""
+    return os.environ.get(name, "1").strip().lower() in ("0", "false", "no", "off")
+
+
 def tune_cpu_allocator_from_env() -> bool:
     """What the `coatvit` commands call at start-up: tune unless COATVIT_TUNE_ALLOCATOR is 0/false/no/off."""
-    if os.environ.get("COATVIT_TUNE_ALLOCATOR", "1").strip().lower() in ("0", "false", "no", "off"):
+    if env_switched_off("COATVIT_TUNE_ALLOCATOR"):
         return False
     return tune_cpu_allocator()
