@@ -197,3 +197,19 @@ def test_the_benchmark_script_times_both_settings_and_leaves_the_switch_alone(mo
     times = onednn_linear.time_both("coat_lite_tiny", "infer", 1, 64, repeats=1)
     assert set(times) == {True, False} and all(t > 0 for ts in times.values() for t in ts)
     assert calls and onednn.enabled()  # it ran oneDNN in its "on" steps, and set the switch back
+
+
+def test_a_hook_on_the_attention_sees_its_own_output_not_the_residual_sum():
+    """CPU inference adds a serial block's residual inside the attention's output projection; a forward hook on the
+    attention module still gets the attention's output alone, as on the reference path."""
+    torch.manual_seed(0)
+    model = coatvit.create_model("coat_lite_tiny").eval()
+    seen = []
+    model.serial_blocks1[0].factoratt_crpe.register_forward_hook(lambda m, args, out: seen.append(out))
+    x = torch.randn(1, 3, 96, 96)
+    with torch.inference_mode():
+        logits = model(x)
+        model.set_fast_path(False)
+        ref = model(x)
+    torch.testing.assert_close(seen[0], seen[1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logits, ref, atol=1e-5, rtol=1e-5)

@@ -880,7 +880,11 @@ class SerialBlock(nn.Module):
             xb = x[b:b + step]  # (b, N, C)
             if cpe is not None:
                 xb = cpe(xb, size)
-            xb = self.factoratt_crpe(self.norm1(xb), size, crpe, residual=xb)
+            attn = self.factoratt_crpe
+            if attn._forward_hooks or attn._forward_pre_hooks:  # its hooks see the attention's own output
+                xb = xb + attn(self.norm1(xb), size, crpe)
+            else:
+                xb = attn(self.norm1(xb), size, crpe, residual=xb)  # the sum in the output projection's call
             self.mlp.residual_in_chunks(xb, self.norm2, out=out[b:b + step])
         return out
 
