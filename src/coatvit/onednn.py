@@ -20,6 +20,7 @@ linear weights' memory (coat_lite_tiny: at most 21 MB) while the model runs infe
 
 from __future__ import annotations
 
+import functools
 import warnings
 import weakref
 
@@ -54,6 +55,7 @@ def available() -> bool:
     return enabled() and _failure is None and _ops_present()
 
 
+@functools.cache
 def _ops_present() -> bool:
     try:
         return (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
