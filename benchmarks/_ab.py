@@ -1,6 +1,6 @@
 """Shared command line of the A/B scripts that time one model-level switch on a CPU (crpe_kernels.py,
 class_token_shortcut.py, mlp_chunks.py, train_chunks.py, mlp_backward.py, patch_embed.py, onednn_linear.py) and
-of gemm_floor.py: models as NAME:BATCH, image size, threads, repeats, the A/B table; and the command line and
+of gemm_floor.py: models as NAME:BATCH, image size, threads, repeats, the interleaved A/B timing and its table; and the command line and
 device check of the GPU kernel scripts (layer_norm_sweep.py, fused_mlp.py, cpe_kernel.py, kernel_widths.py)."""
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import statistics
 import torch
 
 import coatvit
+from coatvit.benchmark import BenchmarkConfig, make_step, time_interleaved
 
 
 def parser(description: str, models: list[str], repeats: int) -> argparse.ArgumentParser:
@@ -30,6 +31,26 @@ def start(args: argparse.Namespace, tune_allocator: bool = True) -> list[tuple[s
     print(f"torch {torch.__version__}, {args.threads} threads, {args.img_size} px, median of {args.repeats}, "
           f"allocator {'tuned' if tune_allocator else 'default'}")
     return [(spec.split(":")[0], int(spec.split(":")[1])) for spec in args.models]
+
+
+def time_switch(name: str, mode: str, batch: int, size: int, repeats: int, switch) -> dict[bool, list[float]]:
+    """Seconds per step of model `name` (seed 0) in `mode` with `switch(True)` and `switch(False)` set before each
+    step, interleaved (`time_interleaved`; 10 steps per repeat at batch-1 latency, 2 in inference, 1 in training);
+    `switch(None)` (the default) afterwards."""
+    torch.manual_seed(0)
+    model = coatvit.create_model(name)
+    step = make_step(mode, model, BenchmarkConfig(model=name, batch_size=batch, img_size=(size, size)))
+
+    def run(on: bool):
+        switch(on)
+        step()
+
+    steps = 10 if mode == "latency" else 1 if mode == "train" else 2
+    try:
+        return time_interleaved({True: lambda: run(True), False: lambda: run(False)},
+                                BenchmarkConfig(repeats=repeats, steps=steps, warmup=1))
+    finally:
+        switch(None)
 
 
 def print_ab_table(models: list[tuple[str, int]], modes: list[str], time_both, repeats: int, img_size: int,

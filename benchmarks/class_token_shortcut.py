@@ -11,30 +11,17 @@ and training steps (forward, cross-entropy, backward, AdamW):
 
 from __future__ import annotations
 
-import torch
-
-import coatvit
-from coatvit.benchmark import BenchmarkConfig, make_step, time_interleaved
 from coatvit.model import CoaT
 
 import _ab
 
 
+def set_shortcut(on: bool | None) -> None:
+    CoaT.shortcut_last_block = True if on is None else on
+
+
 def time_both(name: str, mode: str, batch: int, size: int, repeats: int) -> dict[bool, list[float]]:
-    torch.manual_seed(0)
-    model = coatvit.create_model(name)
-    step = make_step(mode, model, BenchmarkConfig(model=name, batch_size=batch, img_size=(size, size)))
-
-    def run(shortcut: bool):
-        CoaT.shortcut_last_block = shortcut
-        step()
-
-    steps = 10 if mode == "latency" else 1 if mode == "train" else 2
-    try:
-        return time_interleaved({True: lambda: run(True), False: lambda: run(False)},
-                                BenchmarkConfig(repeats=repeats, steps=steps, warmup=1))
-    finally:
-        CoaT.shortcut_last_block = True
+    return _ab.time_switch(name, mode, batch, size, repeats, set_shortcut)
 
 
 def main() -> None:

@@ -20,9 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import coatvit
 from coatvit import onednn
-from coatvit.benchmark import BenchmarkConfig, make_step, time_interleaved
 
 import _ab
 
@@ -65,20 +63,7 @@ def sweep(repeats: int) -> None:
 
 
 def time_both(name: str, mode: str, batch: int, size: int, repeats: int) -> dict[bool, list[float]]:
-    torch.manual_seed(0)
-    model = coatvit.create_model(name)
-    step = make_step(mode, model, BenchmarkConfig(model=name, batch_size=batch, img_size=(size, size)))
-
-    def run(on: bool):
-        onednn.set_enabled(on)
-        step()
-
-    steps = 10 if mode == "latency" else 2
-    try:
-        return time_interleaved({True: lambda: run(True), False: lambda: run(False)},
-                                BenchmarkConfig(repeats=repeats, steps=steps, warmup=1))
-    finally:
-        onednn.set_enabled(None)
+    return _ab.time_switch(name, mode, batch, size, repeats, onednn.set_enabled)
 
 
 def main() -> None:

@@ -78,9 +78,13 @@ def called_as_built(*modules: nn.Module) -> bool:
     """Whether fast paths may use these modules' parameters instead of calling them: each is exactly the class the
     model built (nn.Linear, nn.Conv2d, nn.GELU; not a quantized, LoRA-wrapped or other replacement) and has no
     forward or backward hooks of its own, so that not calling it changes nothing. Otherwise the modules are called."""
-    return all(type(m) in (nn.Linear, nn.Conv2d, nn.GELU) and not (m._forward_hooks or m._forward_pre_hooks
-                                                                   or m._backward_hooks or m._backward_pre_hooks)
-               for m in modules)
+    return all(type(m) in (nn.Linear, nn.Conv2d, nn.GELU) and not hooked(m) for m in modules)
+
+
+def hooked(module: nn.Module) -> bool:
+    """Whether `module` has forward or backward hooks of its own."""
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks)
 
 
 def cpu_inference(x: torch.Tensor, *modules: nn.Module) -> bool:
@@ -881,7 +885,7 @@ class SerialBlock(nn.Module):
             if cpe is not None:
                 xb = cpe(xb, size)
             attn = self.factoratt_crpe
-            if attn._forward_hooks or attn._forward_pre_hooks:  # its hooks see the attention's own output
+            if hooked(attn):  # its hooks see the attention's own output
                 xb = xb + attn(self.norm1(xb), size, crpe)
             else:
                 xb = attn(self.norm1(xb), size, crpe, residual=xb)  # the sum in the output projection's call
