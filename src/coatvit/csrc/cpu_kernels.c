@@ -16,21 +16,6 @@ typedef float v8 __attribute__((vector_size(32)));
 static inline v8 ld(const float *p) { v8 v; memcpy(&v, p, sizeof v); return v; }
 static inline void st(float *p, v8 v) { memcpy(p, &v, sizeof v); }
 
-/* one output pixel, one block of 8 channels: the sum over its window clipped to the grid (no bias) */
-static inline v8 conv1(const float *s, long ts, const float *w, int K, int C, int c, int r, int y, int x,
-                       int H, int W)
-{
-    const int P = K / 2;
-    const int y0 = y - r < 0 ? 0 : y - r, y1 = y + r >= H ? H - 1 : y + r;
-    const int x0 = x - r < 0 ? 0 : x - r, x1 = x + r >= W ? W - 1 : x + r;
-    v8 acc[4] = {{0}, {0}, {0}, {0}};  /* one per window row mod 4: independent chains of FMAs */
-    for (int iy = y0; iy <= y1; ++iy)
-        for (int ix = x0; ix <= x1; ++ix)
-            acc[iy & 3] += ld(s + ((long)iy * W + ix) * ts + c)
-                           * ld(w + ((long)(iy - y + P) * K + (ix - x + P)) * C + c);
-    return (acc[0] + acc[1]) + (acc[2] + acc[3]);
-}
-
 static inline void emit(float *d, const float *a, const float *m, int c, v8 acc)
 {
     const v8 term = m ? ld(m + c) * acc : acc;
@@ -47,7 +32,8 @@ static inline void emit(float *d, const float *a, const float *m, int c, v8 acc)
    gradient, the convolution with the taps flipped. Channels are contiguous; token and batch strides count floats.
    The weights are (K, K, C) with the largest window K; channels c..c+7 (block c/8) use the centred
    kb[c/8] x kb[c/8] taps, so a block of 3x3 channels skips the zeros a merged 7x7 kernel would multiply. Four
-   neighbouring pixels share each weight load and give four independent chains of multiply-adds. Rows of the grid
+   neighbouring pixels share each weight load and give four independent chains of multiply-adds, at the grid's
+   edges too (taps outside it skipped per pixel), so every pixel sums bias and taps in one order. Rows of the grid
    (b, y) are split among the threads. */
 void dwconv_tokens(const float *src, long src_bs, long src_ts,
                    const float *w, const float *bias, const int *kb, int K, int C,
@@ -65,44 +51,49 @@ void dwconv_tokens(const float *src, long src_bs, long src_ts,
         const float *s = src + b * src_bs;
         const float *mb = mul ? mul + b * mul_bs : NULL;
         const float *ab = add ? add + b * add_bs : NULL;
-        for (int j = 0; j < nblk; ++j) {
+        for (int j = 0; j < nblk; ++j) {  /* a block of 8 channels, then groups of four pixels */
             const int c = j * 8;
             const int r = kb[j] / 2;
-            const int y0 = y - r < 0 ? 0 : y - r, y1 = y + r >= H ? H - 1 : y + r;
             const v8 bv = ld(bias + c);
-            int x = 0;
-            for (; x < W; ++x) {
-                if (x >= r && x + 3 + r < W) break;  /* four whole-width windows from here */
-                const long p = (long)y * W + x;
-                emit(dst + b * dst_bs + p * dst_ts, ab ? ab + p * add_ts : NULL, mb ? mb + p * mul_ts : NULL, c,
-                     bv + conv1(s, src_ts, w, K, C, c, r, y, x, H, W));
-            }
-            for (; x + 3 + r < W; x += 4) {
-                v8 a0 = bv, a1 = bv, a2 = bv, a3 = bv;
-                for (int iy = y0; iy <= y1; ++iy) {
-                    const float *sp = s + ((long)iy * W + x - r) * src_ts + c;
-                    const float *wp = w + ((long)(iy - y + P) * K + P - r) * C + c;
-                    for (int t = 0; t <= 2 * r; ++t) {
-                        const v8 wv = ld(wp + (long)t * C);
-                        a0 += wv * ld(sp + (long)t * src_ts);
-                        a1 += wv * ld(sp + (long)(t + 1) * src_ts);
-                        a2 += wv * ld(sp + (long)(t + 2) * src_ts);
-                        a3 += wv * ld(sp + (long)(t + 3) * src_ts);
-                    }
-                }
+            const int y0 = y - r < 0 ? 0 : y - r, y1 = y + r >= H ? H - 1 : y + r;
+            for (int x = 0; x < W; x += 4) {
+                const int xn = W - x < 4 ? W - x : 4;
                 const long p = (long)y * W + x;
                 float *d = dst + b * dst_bs + p * dst_ts;
                 const float *a = ab ? ab + p * add_ts : NULL;
                 const float *m = mb ? mb + p * mul_ts : NULL;
+                v8 a0 = bv, a1 = bv, a2 = bv, a3 = bv;
+                for (int iy = y0; iy <= y1; ++iy) {
+                    const float *sr = s + (long)iy * W * src_ts + c;
+                    const float *wp = w + ((long)(iy - y + P) * K + P - r) * C + c;
+                    for (int t = 0; t <= 2 * r; ++t) {
+                        const v8 wv = ld(wp + (long)t * C);
+                        const int ix = x - r + t;  /* the tap's column for the first pixel */
+                        if (ix >= 0 && ix + 3 < W) {
+                            const float *sp = sr + (long)ix * src_ts;
+                            a0 += wv * ld(sp);
+                            a1 += wv * ld(sp + src_ts);
+                            a2 += wv * ld(sp + 2 * src_ts);
+                            a3 += wv * ld(sp + 3 * src_ts);
+                            continue;
+                        }
+                        /* clipped at the grid's left or right edge (or past a last short group's pixels) */
+                        if (ix >= 0 && ix < W) a0 += wv * ld(sr + (long)ix * src_ts);
+                        if (ix + 1 >= 0 && ix + 1 < W) a1 += wv * ld(sr + (long)(ix + 1) * src_ts);
+                        if (ix + 2 >= 0 && ix + 2 < W) a2 += wv * ld(sr + (long)(ix + 2) * src_ts);
+                        if (ix + 3 >= 0 && ix + 3 < W) a3 += wv * ld(sr + (long)(ix + 3) * src_ts);
+                    }
+                }
+                if (xn < 4) {
+                    const v8 acc[4] = {a0, a1, a2, a3};
+                    for (int i = 0; i < xn; ++i)
+                        emit(d + i * dst_ts, a ? a + i * add_ts : NULL, m ? m + i * mul_ts : NULL, c, acc[i]);
+                    continue;
+                }
                 emit(d, a, m, c, a0);
                 emit(d + dst_ts, a ? a + add_ts : NULL, m ? m + mul_ts : NULL, c, a1);
                 emit(d + 2 * dst_ts, a ? a + 2 * add_ts : NULL, m ? m + 2 * mul_ts : NULL, c, a2);
                 emit(d + 3 * dst_ts, a ? a + 3 * add_ts : NULL, m ? m + 3 * mul_ts : NULL, c, a3);
-            }
-            for (; x < W; ++x) {
-                const long p = (long)y * W + x;
-                emit(dst + b * dst_bs + p * dst_ts, ab ? ab + p * add_ts : NULL, mb ? mb + p * mul_ts : NULL, c,
-                     bv + conv1(s, src_ts, w, K, C, c, r, y, x, H, W));
             }
         }
         for (int x = 0; x < W; ++x) {  /* channels past the last whole block of 8: the full K x K window */
@@ -251,7 +242,8 @@ static inline void st_part(float *p, v8 v, int width)
    scale / the channels' sums to inv; `context_pass` accumulates each head's (ch x chp) context in register tiles
    of 4 rows x 16 channels (a head's last tile reads into the next head's columns or the zero tail, and only its
    own columns are kept); `output_pass` multiplies tiles of 4 tokens x 16 channels of q by the contexts and stores
-   each head's own channels. */
+   each head's own channels. The backward keeps E and V for all N tokens; the forward (`blocked_contexts`) runs
+   the first two passes a block of tokens at a time. */
 typedef struct {
     const float *qkv;
     long ts, ots;
@@ -290,11 +282,13 @@ static void softmax_pass(const attention_t *a, int c0, int c1)  /* channels [c0,
     for (int b = 0; b < nb; ++b) st(a->inv + c0 + 8 * b, splat(a->scale) / sum[b]);  /* each sum >= exp(0) */
 }
 
-/* M_h[i][j] = rs[o + i] * sum over tokens n of A[n, o + i] B[n, o + j] for the heads [h0, h1) (o = h ch; rs NULL:
-   1), each M_h ch x chp floats, rows chp apart. Rows of A are a_ts floats apart, of B b_ts; reads run up to 8
-   floats past a head's last channel in B (a padded scratch copy) and 3 in A. */
+/* M_h[i][j] = rs[o + i] * sum over the `rows` tokens n of A[n, o + i] B[n, o + j] for the heads [h0, h1) (o = h ch;
+   rs NULL: 1), each M_h ch x chp floats, rows chp apart; `accumulate`: the sums start from M's values instead of 0
+   (a block of tokens after the first, in the same order of additions as one pass over all of them). Rows of A are
+   a_ts floats apart, of B b_ts; reads run up to 16 floats past a head's last channel in B (a padded scratch copy)
+   and 3 in A. */
 static void context_products(const attention_t *a, const float *A, long a_ts, const float *B, long b_ts,
-                             const float *rs, float *M, int h0, int h1)
+                             const float *rs, float *M, int h0, int h1, int rows, int accumulate)
 {
     const int ch = a->ch, chp = a->chp, nv = a->nv;
     for (int h = h0; h < h1; ++h) {
@@ -302,9 +296,9 @@ static void context_products(const attention_t *a, const float *A, long a_ts, co
         const int o = h * ch;
         if (nv == 1) {  /* heads of up to 8 channels: one tile of 8 rows x 8 channels */
             v8 acc[8];
-            for (int r = 0; r < 8; ++r) acc[r] = splat(0.0f);
+            for (int r = 0; r < 8; ++r) acc[r] = accumulate && r < ch ? ld(cx + (long)r * chp) : splat(0.0f);
             const float *e = A + o, *vv = B + o;
-            for (int n = 0; n < a->N; ++n, e += a_ts, vv += b_ts) {
+            for (int n = 0; n < rows; ++n, e += a_ts, vv += b_ts) {
                 const v8 v0 = ld(vv);
                 for (int r = 0; r < 8; ++r) acc[r] += splat(e[r]) * v0;
             }
@@ -314,8 +308,14 @@ static void context_products(const attention_t *a, const float *A, long a_ts, co
         for (int c1 = 0; c1 < ch; c1 += 4)
             for (int j = 0; j < nv; j += 2) {
                 v8 a00 = splat(0.0f), a01 = a00, a10 = a00, a11 = a00, a20 = a00, a21 = a00, a30 = a00, a31 = a00;
+                if (accumulate) {
+                    v8 *acc[4][2] = {{&a00, &a01}, {&a10, &a11}, {&a20, &a21}, {&a30, &a31}};
+                    for (int r = 0; r < 4 && c1 + r < ch; ++r)
+                        for (int b = 0; b < 2 && j + b < nv; ++b)
+                            *acc[r][b] = ld(cx + (long)(c1 + r) * chp + 8 * (j + b));
+                }
                 const float *e = A + o + c1, *vv = B + o + 8 * j;
-                for (int n = 0; n < a->N; ++n, e += a_ts, vv += b_ts) {
+                for (int n = 0; n < rows; ++n, e += a_ts, vv += b_ts) {
                     const v8 v0 = ld(vv), v1 = ld(vv + 8);
                     const v8 w0 = splat(e[0]), w1 = splat(e[1]), w2 = splat(e[2]), w3 = splat(e[3]);
                     a00 += w0 * v0; a01 += w0 * v1;
@@ -333,7 +333,7 @@ static void context_products(const attention_t *a, const float *A, long a_ts, co
 
 static void context_pass(const attention_t *a, int h0, int h1)  /* heads [h0, h1) */
 {
-    context_products(a, a->E, a->cs, a->V, a->cs, a->inv, a->ctx, h0, h1);
+    context_products(a, a->E, a->cs, a->V, a->cs, a->inv, a->ctx, h0, h1, a->N, 0);
 }
 
 /* out[n, o + j] = sum over i of A[n, o + i] M_h[i][j] for the tokens [n_begin, n_end) and every head h (o = h ch,
@@ -436,26 +436,102 @@ static void shared_context_passes(const attention_t *a)
     for (int h = 0; h < a->heads; ++h) context_pass(a, h, h + 1);
 }
 
+/* tokens whose softmax numerators and values the forward keeps in scratch at a time (`blocked_contexts`) */
+#define TOKEN_BLOCK 64
+
+/* The contexts of the heads [h0, h1) of one image (the forward's softmax and context passes) without scratch rows
+   for all N tokens: the maxima of the heads' channels over the tokens, then blocks of TOKEN_BLOCK tokens whose
+   numerators exp(k - max) and values go to the scratch rows E and V (TOKEN_BLOCK + 1 rows of a->cs floats each,
+   zeroed before the first call) and are multiplied into the contexts while they are still in the cache; last,
+   each context row times scale / its channel's sum. The same operations in the same order as `softmax_pass` and
+   `context_pass`, so the same bits, with a pass over the image's numerators and values from memory saved.
+   Works on the groups of 8 channels that cover the heads' own. */
+static void blocked_contexts(const attention_t *a, int h0, int h1, float *E, float *V)
+{
+    if (h0 >= h1) return;
+    const int cb0 = h0 * a->ch / 8 * 8, cb1 = (h1 * a->ch + 7) / 8 * 8, nb = (cb1 - cb0) / 8;
+    const float *k = a->qkv + a->C, *v = a->qkv + 2 * a->C;
+    const long ts = a->ts;
+    v8 mx[nb], sum[nb];
+    for (int b = 0; b < nb; ++b) {
+        mx[b] = ld(k + cb0 + 8 * b);
+        sum[b] = splat(0.0f);
+    }
+    for (int n = 1; n < a->N; ++n)
+        for (int b = 0; b < nb; ++b) {
+            const v8 x = ld(k + n * ts + cb0 + 8 * b);
+            mx[b] = select(x > mx[b], x, mx[b]);
+        }
+    for (int n0 = 0; n0 < a->N; n0 += TOKEN_BLOCK) {
+        const int rows = a->N - n0 < TOKEN_BLOCK ? a->N - n0 : TOKEN_BLOCK;
+        for (int t = 0; t < rows; ++t) {
+            const long n = n0 + t;
+            float *e = E + (long)t * a->cs, *vv = V + (long)t * a->cs;
+            for (int b = 0; b < nb; ++b) {
+                const int c = cb0 + 8 * b;
+                const v8 x = exp8(ld(k + n * ts + c) - mx[b]);
+                st(e + c, x);
+                sum[b] += x;
+                st(vv + c, ld(v + n * ts + c));
+            }
+        }
+        context_products(a, E, a->cs, V, a->cs, NULL, a->ctx, h0, h1, rows, n0 > 0);
+    }
+    float inv[8 * nb];
+    for (int b = 0; b < nb; ++b) st(inv + 8 * b, splat(a->scale) / sum[b]);  /* each sum >= exp(0) */
+    for (int h = h0; h < h1; ++h)
+        for (int i = 0; i < a->ch; ++i) {
+            float *row = a->ctx + ((long)h * a->ch + i) * a->chp;
+            const float r = inv[h * a->ch + i - cb0];
+            for (int j = 0; j < a->chp; j += 8) st(row + j, ld(row + j) * r);
+        }
+}
+
+/* floats of `blocked_contexts`' E and V blocks, and of one image's contexts (with the 16 floats a last tile of
+   `tile_products` may read past them) */
+static inline size_t block_scratch(int C) { return (size_t)2 * (TOKEN_BLOCK + 1) * scratch_row(C); }
+static inline size_t context_scratch(int C, int heads)
+{
+    return ((size_t)heads * (C / heads) * ((C / heads + 7) / 8 * 8) + 16 + 15) / 16 * 16;
+}
+
+static attention_t forward_setup(const float *qkv, long ts, int N, int C, int heads, float scale, float *out,
+                                 long ots, float *ctx)
+{
+    attention_t a = {qkv, ts, ots, N, C, heads, C / heads, (C / heads + 7) / 8 * 8, 0, (int)scratch_row(C), scale,
+                     out, NULL, NULL, ctx, NULL};
+    a.nv = a.chp / 8;
+    return a;
+}
+
+/* n zeroed floats on a 64-byte boundary (NULL without memory; *raw is what to free) */
+static float *alloc_zeroed_lines(size_t n, void **raw)
+{
+    float *p = alloc_lines(n, raw);
+    if (p) memset(p, 0, sizeof(float) * n);
+    return p;
+}
+
 /* The factorized attention of a batch: with at least as many images as threads, images split among the threads
-   (one image per thread at a time); with fewer, each image's passes split among them (channels, heads, tokens).
-   Returns 0, or -1 when scratch memory could not be had (out is then incomplete). */
+   (one image per thread at a time); with fewer, each image's contexts split among them by heads, then its
+   tokens. Returns 0, or -1 when scratch memory could not be had (out is then incomplete). */
 int factor_attention(const float *qkv, long bs, long ts, int B, int N, int C, int heads, float scale,
                      float *out, long obs, long ots, int threads)
 {
+    const size_t blocks = block_scratch(C), contexts = context_scratch(C, heads);
     int failed = 0;
     if (B >= threads) {
         #pragma omp parallel num_threads(threads) reduction(|:failed)
         {
             void *raw;
-            float *scratch = alloc_lines(attention_scratch(N, C, heads), &raw);
+            float *scratch = alloc_zeroed_lines(blocks + contexts, &raw);
             failed = scratch == NULL;
             #pragma omp for schedule(static)
             for (long b = 0; b < B; ++b) {
                 if (!scratch) continue;
-                const attention_t a = attention_setup(qkv + b * bs, ts, N, C, heads, scale, out + b * obs, ots,
-                                                      scratch);
-                softmax_pass(&a, 0, C);
-                context_pass(&a, 0, heads);
+                const attention_t a = forward_setup(qkv + b * bs, ts, N, C, heads, scale, out + b * obs, ots,
+                                                    scratch + blocks);
+                blocked_contexts(&a, 0, heads, scratch, scratch + blocks / 2);
                 output_pass(&a, 0, N);
             }
             free(raw);
@@ -463,19 +539,26 @@ int factor_attention(const float *qkv, long bs, long ts, int B, int N, int C, in
         return failed ? -1 : 0;
     }
     void *raw;
-    float *scratch = alloc_lines(attention_scratch(N, C, heads), &raw);
-    if (!scratch) return -1;
-    for (long b = 0; b < B; ++b) {
-        const attention_t a = attention_setup(qkv + b * bs, ts, N, C, heads, scale, out + b * obs, ots, scratch);
-        #pragma omp parallel num_threads(threads)
-        {
-            shared_context_passes(&a);
+    float *ctx = alloc_zeroed_lines(contexts, &raw);
+    if (!ctx) return -1;
+    #pragma omp parallel num_threads(threads) reduction(|:failed)
+    {
+        void *own;
+        float *scratch = alloc_zeroed_lines(blocks, &own);
+        failed = scratch == NULL;
+        for (long b = 0; b < B; ++b) {
+            const attention_t a = forward_setup(qkv + b * bs, ts, N, C, heads, scale, out + b * obs, ots, ctx);
+            #pragma omp for schedule(static)
+            for (int t = 0; t < threads; ++t)
+                if (scratch) blocked_contexts(&a, t * heads / threads, (t + 1) * heads / threads, scratch,
+                                              scratch + blocks / 2);
             #pragma omp for schedule(static)
             for (int n = 0; n < N; n += 64) output_pass(&a, n, n + 64 < N ? n + 64 : N);
         }
+        free(own);
     }
     free(raw);
-    return 0;
+    return failed ? -1 : 0;
 }
 
 /* Bilinear taps of output index o on an axis resized from n_in to n_out samples (align_corners=False, PyTorch's
@@ -584,7 +667,7 @@ static void grad_copy_pass(const attention_t *a, const attention_grad_t *b, int 
 static void grad_matrix_pass(const attention_t *a, const attention_grad_t *b, int h0, int h1)  /* heads */
 {
     const int ch = a->ch, chp = a->chp;
-    context_products(a, a->qkv, a->ts, b->gp, a->cs, NULL, b->dctx, h0, h1);  /* dctx = Q^T g */
+    context_products(a, a->qkv, a->ts, b->gp, a->cs, NULL, b->dctx, h0, h1, a->N, 0);  /* dctx = Q^T g */
     for (int h = h0; h < h1; ++h) {
         const long m = (long)h * ch * chp;
         const float *cx = a->ctx + m, *dc = b->dctx + m;
