@@ -252,21 +252,30 @@ typedef struct {
     float *out, *E, *V, *ctx, *inv;
 } attention_t;
 
-static void softmax_pass(const attention_t *a, int c0, int c1)  /* channels [c0, c1), multiples of 8 */
+/* mx[b] <- the maxima over the image's tokens of k's channels c0 + 8 b .. c0 + 8 b + 7 (b < nb), sum[b] <- 0 */
+static void channel_maxima(const attention_t *a, int c0, int nb, v8 *mx, v8 *sum)
+{
+    const float *k = a->qkv + a->C;
+    for (int b = 0; b < nb; ++b) {
+        mx[b] = ld(k + c0 + 8 * b);
+        sum[b] = splat(0.0f);
+    }
+    for (int n = 1; n < a->N; ++n)
+        for (int b = 0; b < nb; ++b) {
+            const v8 x = ld(k + n * a->ts + c0 + 8 * b);
+            mx[b] = select(x > mx[b], x, mx[b]);
+        }
+}
+
+/* tokens [n0, n1) of those channels: exp(k - mx) and v to rows n - n0 of E and V (cs floats apart, an 8-float
+   zero tail after channel C where the channels reach it), the exps added to sum */
+static void numerator_rows(const attention_t *a, int n0, int n1, int c0, int nb, const v8 *mx, v8 *sum, float *E,
+                           float *V)
 {
     const float *k = a->qkv + a->C, *v = a->qkv + 2 * a->C;
     const long ts = a->ts;
-    const int nb = (c1 - c0) / 8;
-    v8 mx[nb], sum[nb];  /* this thread's maxima and sums: registers or its own stack, never a shared line */
-    for (int b = 0; b < nb; ++b) mx[b] = ld(k + c0 + 8 * b);
-    for (int n = 1; n < a->N; ++n)
-        for (int b = 0; b < nb; ++b) {
-            const v8 x = ld(k + n * ts + c0 + 8 * b);
-            mx[b] = select(x > mx[b], x, mx[b]);
-        }
-    for (int b = 0; b < nb; ++b) sum[b] = splat(0.0f);
-    for (int n = 0; n < a->N; ++n) {
-        float *e = a->E + (long)n * a->cs, *vv = a->V + (long)n * a->cs;
+    for (long n = n0; n < n1; ++n) {
+        float *e = E + (n - n0) * a->cs, *vv = V + (n - n0) * a->cs;
         for (int b = 0; b < nb; ++b) {
             const int c = c0 + 8 * b;
             const v8 x = exp8(ld(k + n * ts + c) - mx[b]);
@@ -274,11 +283,19 @@ static void softmax_pass(const attention_t *a, int c0, int c1)  /* channels [c0,
             sum[b] += x;
             st(vv + c, ld(v + n * ts + c));
         }
-        if (c1 == a->C) {
+        if (c0 + 8 * nb == a->C) {
             st(e + a->C, splat(0.0f));
             st(vv + a->C, splat(0.0f));
         }
     }
+}
+
+static void softmax_pass(const attention_t *a, int c0, int c1)  /* channels [c0, c1), multiples of 8 */
+{
+    const int nb = (c1 - c0) / 8;
+    v8 mx[nb], sum[nb];  /* this thread's maxima and sums: registers or its own stack, never a shared line */
+    channel_maxima(a, c0, nb, mx, sum);
+    numerator_rows(a, 0, a->N, c0, nb, mx, sum, a->E, a->V);
     for (int b = 0; b < nb; ++b) st(a->inv + c0 + 8 * b, splat(a->scale) / sum[b]);  /* each sum >= exp(0) */
 }
 
@@ -450,31 +467,11 @@ static void blocked_contexts(const attention_t *a, int h0, int h1, float *E, flo
 {
     if (h0 >= h1) return;
     const int cb0 = h0 * a->ch / 8 * 8, cb1 = (h1 * a->ch + 7) / 8 * 8, nb = (cb1 - cb0) / 8;
-    const float *k = a->qkv + a->C, *v = a->qkv + 2 * a->C;
-    const long ts = a->ts;
     v8 mx[nb], sum[nb];
-    for (int b = 0; b < nb; ++b) {
-        mx[b] = ld(k + cb0 + 8 * b);
-        sum[b] = splat(0.0f);
-    }
-    for (int n = 1; n < a->N; ++n)
-        for (int b = 0; b < nb; ++b) {
-            const v8 x = ld(k + n * ts + cb0 + 8 * b);
-            mx[b] = select(x > mx[b], x, mx[b]);
-        }
+    channel_maxima(a, cb0, nb, mx, sum);
     for (int n0 = 0; n0 < a->N; n0 += TOKEN_BLOCK) {
         const int rows = a->N - n0 < TOKEN_BLOCK ? a->N - n0 : TOKEN_BLOCK;
-        for (int t = 0; t < rows; ++t) {
-            const long n = n0 + t;
-            float *e = E + (long)t * a->cs, *vv = V + (long)t * a->cs;
-            for (int b = 0; b < nb; ++b) {
-                const int c = cb0 + 8 * b;
-                const v8 x = exp8(ld(k + n * ts + c) - mx[b]);
-                st(e + c, x);
-                sum[b] += x;
-                st(vv + c, ld(v + n * ts + c));
-            }
-        }
+        numerator_rows(a, n0, n0 + rows, cb0, nb, mx, sum, E, V);
         context_products(a, E, a->cs, V, a->cs, NULL, a->ctx, h0, h1, rows, n0 > 0);
     }
     float inv[8 * nb];
