@@ -118,6 +118,32 @@ def test_factor_attention_equals_the_eager_products(batch, tokens, channels, hea
 
 
 @needs_native
+@pytest.mark.parametrize("batch, threads", [(1, 2), (3, 2), (2, 1)])  # passes split among threads, or images
+@pytest.mark.parametrize("size, channels, heads", [((14, 14), 152, 8), ((5, 9), 64, 8), ((2, 1), 40, 8),
+                                                   ((7, 7), 320, 8)])
+def test_factor_attention_adds_the_crpe_term_in_the_same_pass(batch, threads, size, channels, heads):
+    """The CRPE's Q * DWConv(V) fused into the attention's output pass: the same bits as the attention and then
+    `dwconv_tokens` over the image tokens (CoaT's windows 3, 5 and 7 over runs of heads; grids narrower than a
+    window and than a group of four pixels)."""
+    torch.manual_seed(0)
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        ch = channels // heads
+        convs = [nn.Conv2d(n * ch, n * ch, k, padding=k // 2, groups=n * ch) for k, n in ((3, 2), (5, 3), (7, 3))]
+        weights = native.depthwise_weights(convs)
+        qkv = torch.randn(batch, 1 + size[0] * size[1], 3 * channels + 8)[..., :3 * channels] * 3
+        q, v = qkv[..., :channels], qkv[..., 2 * channels:]
+        expected = native.factor_attention(qkv, heads, 0.3)
+        native.dwconv_tokens(v[:, 1:], weights, size, add=expected[:, 1:], dst=expected[:, 1:], mul=q[:, 1:])
+        assert torch.equal(native.factor_attention(qkv, heads, 0.3, (weights, size)), expected)
+        with pytest.raises(ValueError, match="grid"):
+            native.factor_attention(qkv[:, 1:], heads, 0.3, (weights, size))
+    finally:
+        torch.set_num_threads(saved)
+
+
+@needs_native
 def test_factor_attention_says_what_it_takes():
     assert native.factor_attention_ok(152, 8) and not native.factor_attention_ok(76, 4)  # 76: not a multiple of 8
     assert not native.factor_attention_ok(1040, 8)  # 130-channel heads
@@ -223,6 +249,11 @@ def test_model_runs_the_native_kernels_with_the_reference_logits(monkeypatch, na
     monkeypatch.setattr(onednn, "_enabled", False)  # its fused GELU would take the big MLPs (tests/test_onednn.py)
     calls = count_calls(monkeypatch)
     attention_calls = count_calls(monkeypatch, "factor_attention")
+    attention_crpes = []
+    counted_attention = native.factor_attention
+    monkeypatch.setattr(native, "factor_attention",
+                        lambda qkv, heads, scale, crpe=None: attention_crpes.append(crpe)
+                        or counted_attention(qkv, heads, scale, crpe))
     mix_calls = count_calls(monkeypatch, "mix_tokens")
     gelu_calls = count_calls(monkeypatch, "gelu")
     with torch.no_grad():
@@ -231,10 +262,12 @@ def test_model_runs_the_native_kernels_with_the_reference_logits(monkeypatch, na
         model.set_fast_path(False)
         expected = model(x)
     torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
-    # every CPE and CRPE of every block, but the CRPE of the last one (class-token shortcut)
-    assert len(calls) == {"coat_lite_tiny": 8 + 7, "coat_tiny": 8 + 8 + 6 * 3 + 5 * 3}[name]
-    # the attention products natively in every block but the last (its class-token row only)
+    # every block's CPE
+    assert len(calls) == {"coat_lite_tiny": 8, "coat_tiny": 8 + 6 * 3}[name]
+    # the attention products natively in every block but the last (its class-token row only), each with its
+    # CRPE in the same pass
     assert len(attention_calls) == {"coat_lite_tiny": 7, "coat_tiny": 8 + 5 * 3}[name]
+    assert all(crpe is not None for crpe in attention_crpes)
     # each scale's co-scale sum in every parallel block but the last
     assert len(mix_calls) == {"coat_lite_tiny": 0, "coat_tiny": 5 * 3}[name]
     # the GELU of every MLP that runs in chunks (one chunk each at this size): every serial block's but a Lite

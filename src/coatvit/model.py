@@ -530,7 +530,13 @@ class FactorAttnConvRelPosEnc(nn.Module):
         if self.native_heads and native.factor_attention_ok(C, h):
             out = None
             if native_inference(x, self.qkv):
-                out = native.factor_attention(qkv, h, self.scale)  # (B, N, C): per-head products, no head permutes
+                # CRPE's term in the same pass over the tokens where its convolutions may run natively
+                weights = (None if crpe is None or not self.fused_crpe
+                           else native_conv_weights(crpe, list(crpe.conv_list), qkv))
+                fused = None if weights is None else (weights, size)
+                out = native.factor_attention(qkv, h, self.scale, fused)  # (B, N, C), no head permutes
+                if fused is not None:
+                    return self.project(out, residual)
             elif native_training(qkv, self.qkv) and NativeFactorAttention.enabled:
                 out = NativeFactorAttention.apply(qkv, h, self.scale)  # the same, backward natively too
             if out is not None:
@@ -590,6 +596,11 @@ class FactorAttnConvRelPosEnc(nn.Module):
     # (`native.factor_attention`), which reads q, k, v in place and writes the (B, N, C) output: no head permutes, and
     # narrow heads without the masked product's extra MACs (benchmarks/native_kernels.py, BENCHMARKS.md)
     native_heads = True
+
+    # ... and add the CRPE term in the kernel's output pass, row by row of the grid while each row's q and output
+    # are in the cache, instead of a second pass (`native.dwconv_tokens`) over q, v and the output: 0.99x-1.05x
+    # per model and mode on the 2-core development machine (benchmarks/crpe_fusion.py, BENCHMARKS.md)
+    fused_crpe = True
 
     def head_mask(self, dim: int, like: torch.Tensor) -> torch.Tensor:
         """(C, C): `scale` inside the diagonal head blocks, 0 elsewhere."""

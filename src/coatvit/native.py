@@ -152,7 +152,7 @@ def library() -> ctypes.CDLL | None:
     i, n, ptr = ctypes.c_int, ctypes.c_long, ctypes.c_void_p
     lib.dwconv_tokens.argtypes = [ptr, n, n, ptr, ptr, ptr, i, i, i, i, i, ptr, n, n, ptr, n, n, ptr, n, n, i]
     lib.dwconv_tokens.restype = None
-    lib.factor_attention.argtypes = [ptr, n, n, i, i, i, i, ctypes.c_float, ptr, n, n, i]
+    lib.factor_attention.argtypes = [ptr, n, n, i, i, i, i, ctypes.c_float, ptr, n, n, ptr, ptr, ptr, i, i, i, i]
     lib.factor_attention.restype = i
     lib.mix_tokens.argtypes = [ptr, n, n, ptr, n, n, ptr, n, n, i, i, ptr, n, n, i, i, ptr, n, n, i, i, i, i, i]
     lib.mix_tokens.restype = None
@@ -279,14 +279,27 @@ def check_projection(kernel: str, qkv: torch.Tensor, heads: int) -> tuple[int, i
     return B, N, C3 // 3
 
 
-def factor_attention(qkv: torch.Tensor, heads: int, scale: float) -> torch.Tensor:
+def factor_attention(qkv: torch.Tensor, heads: int, scale: float,
+                     crpe: tuple[DepthwiseWeights, tuple[int, int]] | None = None) -> torch.Tensor:
     """Per head, Q (scale * softmax over tokens of K)^T V from a qkv projection's output (B, N, 3C) (q, k, v side by
     side, heads side by side in each; a float32 CPU tensor with contiguous rows): a fresh (B, N, C), no head
-    permute copied. C and heads as `factor_attention_ok` allows."""
+    permute copied. C and heads as `factor_attention_ok` allows.
+
+    `crpe` (weights, (H, W)): the image tokens 1..N-1 (N = 1 + H*W) also get CRPE's Q * DWConv(V) in the same pass,
+    `dwconv_tokens(v[:, 1:], weights, (H, W), add=out[:, 1:], dst=out[:, 1:], mul=q[:, 1:])` row by row of the grid
+    while each row's q and output are in the cache (the same result)."""
     B, N, C = check_projection("factor_attention", qkv, heads)
+    conv = (None, None, None, 0, 0, 0)
+    if crpe is not None:
+        weights, (H, W) = crpe
+        if N != 1 + H * W or weights.weight.shape[-1] != C:
+            raise ValueError(f"factor_attention: expected 1 + {H}x{W} tokens of {weights.weight.shape[-1]} "
+                             f"channels for the CRPE's grid, got {tuple(qkv.shape)}")
+        conv = (weights.weight.data_ptr(), weights.bias.data_ptr(), weights.block_windows.data_ptr(), weights.window,
+                H, W)
     out = qkv.new_empty(B, N, C)
     if out.numel() and library().factor_attention(qkv.data_ptr(), qkv.stride(0), qkv.stride(1), B, N, C, heads,
-                                                  scale, out.data_ptr(), out.stride(0), out.stride(1),
+                                                  scale, out.data_ptr(), out.stride(0), out.stride(1), *conv,
                                                   torch.get_num_threads()):
         raise MemoryError(f"factor_attention: no memory for the scratch of {N} tokens")
     return out

@@ -22,6 +22,61 @@ static inline void emit(float *d, const float *a, const float *m, int c, v8 acc)
     st(d + c, a ? ld(a + c) + term : term);
 }
 
+/* Pixels [x0, x1) of row y of one image's H x W grid, every whole block of 8 channels: `dwconv_tokens`' sum, with
+   s, mb, ab, db the image's src, mul, add and dst tokens (mul, add NULL: 1, 0). */
+static void dwconv_pixels(const float *s, long src_ts, const float *w, const float *bias, const int *kb, int K,
+                          int C, int H, int W, int y, int x0, int x1, const float *mb, long mul_ts, const float *ab,
+                          long add_ts, float *db, long dst_ts)
+{
+    const int P = K / 2;
+    const int nblk = C / 8;
+    for (int j = 0; j < nblk; ++j) {  /* a block of 8 channels, then groups of four pixels */
+        const int c = j * 8;
+        const int r = kb[j] / 2;
+        const v8 bv = ld(bias + c);
+        const int y0 = y - r < 0 ? 0 : y - r, y1 = y + r >= H ? H - 1 : y + r;
+        for (int x = x0; x < x1; x += 4) {
+            const int xn = x1 - x < 4 ? x1 - x : 4;
+            const long p = (long)y * W + x;
+            float *d = db + p * dst_ts;
+            const float *a = ab ? ab + p * add_ts : NULL;
+            const float *m = mb ? mb + p * mul_ts : NULL;
+            v8 a0 = bv, a1 = bv, a2 = bv, a3 = bv;
+            for (int iy = y0; iy <= y1; ++iy) {
+                const float *sr = s + (long)iy * W * src_ts + c;
+                const float *wp = w + ((long)(iy - y + P) * K + P - r) * C + c;
+                for (int t = 0; t <= 2 * r; ++t) {
+                    const v8 wv = ld(wp + (long)t * C);
+                    const int ix = x - r + t;  /* the tap's column for the first pixel */
+                    if (ix >= 0 && ix + 3 < W) {
+                        const float *sp = sr + (long)ix * src_ts;
+                        a0 += wv * ld(sp);
+                        a1 += wv * ld(sp + src_ts);
+                        a2 += wv * ld(sp + 2 * src_ts);
+                        a3 += wv * ld(sp + 3 * src_ts);
+                        continue;
+                    }
+                    /* clipped at the grid's left or right edge (or past a last short group's pixels) */
+                    if (ix >= 0 && ix < W) a0 += wv * ld(sr + (long)ix * src_ts);
+                    if (ix + 1 >= 0 && ix + 1 < W) a1 += wv * ld(sr + (long)(ix + 1) * src_ts);
+                    if (ix + 2 >= 0 && ix + 2 < W) a2 += wv * ld(sr + (long)(ix + 2) * src_ts);
+                    if (ix + 3 >= 0 && ix + 3 < W) a3 += wv * ld(sr + (long)(ix + 3) * src_ts);
+                }
+            }
+            if (xn < 4) {
+                const v8 acc[4] = {a0, a1, a2, a3};
+                for (int i = 0; i < xn; ++i)
+                    emit(d + i * dst_ts, a ? a + i * add_ts : NULL, m ? m + i * mul_ts : NULL, c, acc[i]);
+                continue;
+            }
+            emit(d, a, m, c, a0);
+            emit(d + dst_ts, a ? a + add_ts : NULL, m ? m + mul_ts : NULL, c, a1);
+            emit(d + 2 * dst_ts, a ? a + 2 * add_ts : NULL, m ? m + 2 * mul_ts : NULL, c, a2);
+            emit(d + 3 * dst_ts, a ? a + 3 * add_ts : NULL, m ? m + 3 * mul_ts : NULL, c, a3);
+        }
+    }
+}
+
 /* Depthwise convolution over the image tokens of CoaT's (B, N, C) token layout, with the sum it feeds fused in:
 
    dst[b, p, c] = add[b, p, c] + mul[b, p, c] * (bias[c] + sum over taps of w[ky, kx, c] * src[b, p', c])
@@ -51,51 +106,7 @@ void dwconv_tokens(const float *src, long src_bs, long src_ts,
         const float *s = src + b * src_bs;
         const float *mb = mul ? mul + b * mul_bs : NULL;
         const float *ab = add ? add + b * add_bs : NULL;
-        for (int j = 0; j < nblk; ++j) {  /* a block of 8 channels, then groups of four pixels */
-            const int c = j * 8;
-            const int r = kb[j] / 2;
-            const v8 bv = ld(bias + c);
-            const int y0 = y - r < 0 ? 0 : y - r, y1 = y + r >= H ? H - 1 : y + r;
-            for (int x = 0; x < W; x += 4) {
-                const int xn = W - x < 4 ? W - x : 4;
-                const long p = (long)y * W + x;
-                float *d = dst + b * dst_bs + p * dst_ts;
-                const float *a = ab ? ab + p * add_ts : NULL;
-                const float *m = mb ? mb + p * mul_ts : NULL;
-                v8 a0 = bv, a1 = bv, a2 = bv, a3 = bv;
-                for (int iy = y0; iy <= y1; ++iy) {
-                    const float *sr = s + (long)iy * W * src_ts + c;
-                    const float *wp = w + ((long)(iy - y + P) * K + P - r) * C + c;
-                    for (int t = 0; t <= 2 * r; ++t) {
-                        const v8 wv = ld(wp + (long)t * C);
-                        const int ix = x - r + t;  /* the tap's column for the first pixel */
-                        if (ix >= 0 && ix + 3 < W) {
-                            const float *sp = sr + (long)ix * src_ts;
-                            a0 += wv * ld(sp);
-                            a1 += wv * ld(sp + src_ts);
-                            a2 += wv * ld(sp + 2 * src_ts);
-                            a3 += wv * ld(sp + 3 * src_ts);
-                            continue;
-                        }
-                        /* clipped at the grid's left or right edge (or past a last short group's pixels) */
-                        if (ix >= 0 && ix < W) a0 += wv * ld(sr + (long)ix * src_ts);
-                        if (ix + 1 >= 0 && ix + 1 < W) a1 += wv * ld(sr + (long)(ix + 1) * src_ts);
-                        if (ix + 2 >= 0 && ix + 2 < W) a2 += wv * ld(sr + (long)(ix + 2) * src_ts);
-                        if (ix + 3 >= 0 && ix + 3 < W) a3 += wv * ld(sr + (long)(ix + 3) * src_ts);
-                    }
-                }
-                if (xn < 4) {
-                    const v8 acc[4] = {a0, a1, a2, a3};
-                    for (int i = 0; i < xn; ++i)
-                        emit(d + i * dst_ts, a ? a + i * add_ts : NULL, m ? m + i * mul_ts : NULL, c, acc[i]);
-                    continue;
-                }
-                emit(d, a, m, c, a0);
-                emit(d + dst_ts, a ? a + add_ts : NULL, m ? m + mul_ts : NULL, c, a1);
-                emit(d + 2 * dst_ts, a ? a + 2 * add_ts : NULL, m ? m + 2 * mul_ts : NULL, c, a2);
-                emit(d + 3 * dst_ts, a ? a + 3 * add_ts : NULL, m ? m + 3 * mul_ts : NULL, c, a3);
-            }
-        }
+        dwconv_pixels(s, src_ts, w, bias, kb, K, C, H, W, y, 0, W, mb, mul_ts, ab, add_ts, dst + b * dst_bs, dst_ts);
         for (int x = 0; x < W; ++x) {  /* channels past the last whole block of 8: the full K x K window */
             const long p = (long)y * W + x;
             for (int c = nblk * 8; c < C; ++c) {
@@ -509,13 +520,49 @@ static float *alloc_zeroed_lines(size_t n, void **raw)
     return p;
 }
 
+/* CRPE's depthwise convolution, fused into the attention's output pass (`factor_attention`): taps, bias and block
+   windows as `dwconv_tokens` takes them, over the H x W grid of tokens 1..N-1; w NULL: none */
+typedef struct {
+    const float *w, *bias;
+    const int *kb;
+    int K, H, W;
+} crpe_t;
+
+/* The output rows of tokens [n0, n1), or with a CRPE, of the grid rows [n0, n1) (n0 -1: the class token): each
+   row's products, then q * DWConv(v) added to it while its q and output are in the cache (the same sum as
+   `dwconv_tokens` with add = dst = out, mul = q, src = v) */
+static void output_rows(const attention_t *a, const crpe_t *c, int n0, int n1)
+{
+    if (!c->w) {
+        output_pass(a, n0, n1);
+        return;
+    }
+    for (int y = n0; y < n1; ++y) {
+        if (y < 0) {
+            output_pass(a, 0, 1);
+            continue;
+        }
+        const long n = 1 + (long)y * c->W;
+        output_pass(a, (int)n, (int)n + c->W);
+        const float *tokens = a->qkv + a->ts;  /* token 1, the grid's first */
+        dwconv_pixels(tokens + 2 * a->C, a->ts, c->w, c->bias, c->kb, c->K, a->C, c->H, c->W, y, 0, c->W, tokens,
+                      a->ts, a->out + a->ots, a->ots, a->out + a->ots, a->ots);
+    }
+}
+
 /* The factorized attention of a batch: with at least as many images as threads, images split among the threads
    (one image per thread at a time); with fewer, each image's contexts split among them by heads, then its
-   tokens. Returns 0, or -1 when scratch memory could not be had (out is then incomplete). */
+   tokens (or grid rows). cw NULL: the attention alone; else out gets CRPE's term too, Q_img * DWConv(V_img) over
+   the H x W grid of tokens 1..N-1 (N = 1 + H W) with taps cw, bias cb and block windows kb of the largest window
+   K, as `dwconv_tokens` takes them. Returns 0, or -1 when scratch memory could not be had (out is then
+   incomplete). */
 int factor_attention(const float *qkv, long bs, long ts, int B, int N, int C, int heads, float scale,
-                     float *out, long obs, long ots, int threads)
+                     float *out, long obs, long ots, const float *cw, const float *cb, const int *kb, int K, int H,
+                     int W, int threads)
 {
     const size_t blocks = block_scratch(C), contexts = context_scratch(C, heads);
+    const crpe_t crpe = {cw, cb, kb, K, H, W};
+    const int first = cw ? -1 : 0, last = cw ? H : N;  /* output_rows' range: tokens, or grid rows */
     int failed = 0;
     if (B >= threads) {
         #pragma omp parallel num_threads(threads) reduction(|:failed)
@@ -529,7 +576,7 @@ int factor_attention(const float *qkv, long bs, long ts, int B, int N, int C, in
                 const attention_t a = forward_setup(qkv + b * bs, ts, N, C, heads, scale, out + b * obs, ots,
                                                     scratch + blocks);
                 blocked_contexts(&a, 0, heads, scratch, scratch + blocks / 2);
-                output_pass(&a, 0, N);
+                output_rows(&a, &crpe, first, last);
             }
             free(raw);
         }
@@ -538,6 +585,7 @@ int factor_attention(const float *qkv, long bs, long ts, int B, int N, int C, in
     void *raw;
     float *ctx = alloc_zeroed_lines(contexts, &raw);
     if (!ctx) return -1;
+    const int step = cw ? 1 : 64;
     #pragma omp parallel num_threads(threads) reduction(|:failed)
     {
         void *own;
@@ -550,7 +598,7 @@ int factor_attention(const float *qkv, long bs, long ts, int B, int N, int C, in
                 if (scratch) blocked_contexts(&a, t * heads / threads, (t + 1) * heads / threads, scratch,
                                               scratch + blocks / 2);
             #pragma omp for schedule(static)
-            for (int n = 0; n < N; n += 64) output_pass(&a, n, n + 64 < N ? n + 64 : N);
+            for (int n = first; n < last; n += step) output_rows(&a, &crpe, n, n + step < last ? n + step : last);
         }
         free(own);
     }
