@@ -1,8 +1,8 @@
 """Shared command line of the A/B scripts that time one model-level switch on a CPU (crpe_kernels.py,
 class_token_shortcut.py, mlp_chunks.py, train_chunks.py, mlp_backward.py, patch_embed.py, onednn_linear.py,
-crpe_fusion.py) and of gemm_floor.py: models as NAME:BATCH, image size, threads, repeats, the interleaved A/B timing and its table;
-and the command line and device check of the GPU kernel scripts (layer_norm_sweep.py, fused_mlp.py,
-cpe_kernel.py, kernel_widths.py)."""
+crpe_fusion.py) and of gemm_floor.py: models as NAME:BATCH, image size, threads, repeats, the interleaved A/B
+timing and its table; and the command line and device check of the GPU kernel scripts (layer_norm_sweep.py,
+fused_mlp.py, cpe_kernel.py, kernel_widths.py)."""
 
 from __future__ import annotations
 
