@@ -403,12 +403,13 @@ def test_training_runs_the_native_kernels_with_pytorchs_gradients(monkeypatch, n
         mlps = {"coat_lite_tiny": 8, "coat_tiny": 8 + 6 * 3}[name]
         assert (len(gelu_calls), len(gelu_grad_calls)) == (mlps, mlps)
     # both float32 gradients against float64 ones (PyTorch's ops): the native kernels' rounding error at most twice
-    # PyTorch's (a few gradients are sums that cancel, where the two float32 results differ by more than 1e-4)
+    # PyTorch's plus 1e-5 of the tensor's largest gradient (a few gradients are sums that cancel, where the two
+    # float32 results differ by more than 1e-4; an attention scale off by 1e-4 fails it)
     exact = copy.deepcopy(model).double()
     exact(x.double()).square().sum().backward()
     for n, p in exact.named_parameters():
         native_error, eager_error = ((g[n].double() - p.grad).abs().max().item() for g in grads)
-        assert native_error <= 2 * eager_error + 1e-6 * p.grad.abs().max().item(), (n, native_error, eager_error)
+        assert native_error <= 2 * eager_error + 1e-5 * p.grad.abs().max().item(), (n, native_error, eager_error)
 
 
 @needs_native

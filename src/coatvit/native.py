@@ -89,11 +89,17 @@ def compiler() -> str | None:
 
 def compile_flags() -> list[str]:
     """Optimization, OpenMP and the vector instructions this CPU has (PyTorch's own dispatch level: AVX2/FMA
-    on x86-64 machines that PyTorch runs its AVX2 kernels on; the compiler's defaults elsewhere)."""
-    flags = ["-O3", "-shared", "-fPIC", "-fopenmp", "-std=c99"]
-    if platform.machine().lower() in ("x86_64", "amd64") and torch.backends.cpu.get_cpu_capability() in ("AVX2",
-                                                                                                         "AVX512"):
+    on x86-64 machines that PyTorch runs its AVX2 kernels on; the compiler's defaults elsewhere).
+
+    Multiply-adds are contracted into fused ones (one rounding; GCC leaves them apart under -std=c99), and where
+    PyTorch runs its AVX-512 kernels the 256-bit vectors may use AVX-512VL's 32 registers and masked operations
+    (no 512-bit vectors, so no clock penalty): 1.1-1.5x on the attention kernel, `benchmarks/native_flags.py`."""
+    flags = ["-O3", "-shared", "-fPIC", "-fopenmp", "-std=c99", "-ffp-contract=fast"]
+    capability = torch.backends.cpu.get_cpu_capability()
+    if platform.machine().lower() in ("x86_64", "amd64") and capability in ("AVX2", "AVX512"):
         flags += ["-mavx2", "-mfma"]
+        if capability == "AVX512":
+            flags += ["-mavx512f", "-mavx512vl", "-mprefer-vector-width=256"]
     return flags
 
 
