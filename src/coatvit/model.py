@@ -598,8 +598,8 @@ class FactorAttnConvRelPosEnc(nn.Module):
     native_heads = True
 
     # ... and add the CRPE term in the kernel's output pass, row by row of the grid while each row's q and output
-    # are in the cache, instead of a second pass (`native.dwconv_tokens`) over q, v and the output: 0.99x-1.05x
-    # per model and mode on the 2-core development machine (benchmarks/crpe_fusion.py, BENCHMARKS.md)
+    # are in the cache, instead of a second pass (`native.dwconv_tokens`) over q, v and the output: 1.01x per model
+    # and mode on the 2-core development machine, the same bits (benchmarks/crpe_fusion.py, BENCHMARKS.md)
     fused_crpe = True
 
     def head_mask(self, dim: int, like: torch.Tensor) -> torch.Tensor:
