@@ -93,8 +93,8 @@ def compile_flags() -> list[str]:
 
     Multiply-adds are contracted into fused ones (one rounding; GCC leaves them apart under -std=c99), and where
     PyTorch runs its AVX-512 kernels the 256-bit vectors may use AVX-512VL's 32 registers and masked operations
-    (no 512-bit vectors, so no clock penalty): attention + CRPE 1.0-1.2x per stage, the CPE 0.9-1.2x (within the
-    noise), `benchmarks/native_flags.py`."""
+    (no 512-bit vectors, so no clock penalty): attention + CRPE 1.0-1.2x per stage but coat_tiny's first at batch
+    1 (0.74-0.93x), the CPE 0.9-1.2x (noise), `benchmarks/native_flags.py`."""
     flags = ["-O3", "-shared", "-fPIC", "-fopenmp", "-std=c99", "-ffp-contract=fast"]
     capability = torch.backends.cpu.get_cpu_capability()
     if platform.machine().lower() in ("x86_64", "amd64") and capability in ("AVX2", "AVX512"):
